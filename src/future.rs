@@ -1,0 +1,250 @@
+//! [`ResponseFuture`]: the steps of the request's path, in order.
+//!
+//! `Checking` runs the cache and, on a miss, the upstream call (the only boxed part);
+//! `Forwarding` drives the inner service's own future, unboxed; `Rejected` hands back a
+//! rendered rejection.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::cache::CacheResult;
+use crate::layer::Shared;
+use crate::reject::{Rejection, ResponseFormat};
+use crate::token::PresentedToken;
+use crate::upstream::UpstreamError;
+use crate::verdict::{Verdict, VerifiedToken};
+
+/// What the check concluded.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Forward(VerifiedToken),
+    Reject(Rejection),
+}
+
+type Check = Pin<Box<dyn Future<Output = Decision> + Send>>;
+
+pin_project! {
+    /// The response future of [`AccessTokenService`](crate::AccessTokenService).
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Checking {
+            check: Check,
+            pending: Option<(S, Request<ReqBody>)>,
+            format: ResponseFormat,
+        },
+        Forwarding {
+            #[pin]
+            future: S::Future,
+        },
+        Rejected {
+            response: Option<Response<Full<Bytes>>>,
+        },
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn checking(
+        shared: Arc<Shared>,
+        presented: PresentedToken,
+        inner: S,
+        request: Request<ReqBody>,
+        format: ResponseFormat,
+    ) -> Self {
+        Self {
+            state: State::Checking {
+                check: Box::pin(check(shared, presented)),
+                pending: Some((inner, request)),
+                format,
+            },
+        }
+    }
+
+    pub(crate) fn rejected(response: Response<Full<Bytes>>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking {
+                    check,
+                    pending,
+                    format,
+                } => {
+                    let decision = ready!(check.as_mut().poll(cx));
+                    let format = *format;
+                    let (mut inner, mut request) =
+                        pending.take().expect("ResponseFuture polled after completion");
+                    match decision {
+                        Decision::Forward(token) => {
+                            request.extensions_mut().insert(token);
+                            let future = inner.call(request);
+                            this.state.set(State::Forwarding { future });
+                        }
+                        Decision::Reject(rejection) => {
+                            let response = rejection.into_response(format);
+                            this.state.set(State::Rejected {
+                                response: Some(response),
+                            });
+                        }
+                    }
+                }
+                StateProj::Forwarding { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+                StateProj::Rejected { response } => {
+                    let response = response.take().expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Checking { .. } => "Checking",
+            State::Forwarding { .. } => "Forwarding",
+            State::Rejected { .. } => "Rejected",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
+    }
+}
+
+/// Steps 2 to 4: the cache, the upstream on a miss, and the decision.
+async fn check(shared: Arc<Shared>, presented: PresentedToken) -> Decision {
+    let (result, cache) = shared
+        .cache
+        .get_or_verify(presented.hash(), || {
+            let upstream = shared.upstream.clone();
+            let token = presented.clone();
+            async move { upstream.verify(&token).await }
+        })
+        .await;
+    decide(result, presented, cache)
+}
+
+/// Turns the verdict (or the failure to get one) into forward-or-reject, and logs it with the
+/// token's fingerprint, never the token.
+pub(crate) fn decide(
+    result: Result<Verdict, UpstreamError>,
+    presented: PresentedToken,
+    cache: CacheResult,
+) -> Decision {
+    let fingerprint = presented.hash().fingerprint();
+    let cache = match cache {
+        CacheResult::Hit => "hit",
+        CacheResult::Miss => "miss",
+    };
+    match result {
+        Ok(Verdict::Valid) => {
+            tracing::trace!(token = %fingerprint, cache, "conneqt-guard: token valid");
+            Decision::Forward(VerifiedToken::new(presented))
+        }
+        Ok(Verdict::Gone) => {
+            tracing::debug!(token = %fingerprint, cache, "conneqt-guard: token gone");
+            Decision::Reject(Rejection::gone())
+        }
+        Ok(Verdict::NotAccepted { reasons }) => {
+            tracing::debug!(token = %fingerprint, ?reasons, "conneqt-guard: upstream did not accept token");
+            Decision::Reject(Rejection::not_accepted(&reasons))
+        }
+        Err(error) if error.is_key_problem() => {
+            tracing::error!(
+                token = %fingerprint,
+                error = %error,
+                "conneqt-guard: Conneqt refused our ApiKey; every request will fail until the key is fixed"
+            );
+            Decision::Reject(Rejection::upstream_rejected_api_key())
+        }
+        Err(error) => {
+            tracing::warn!(token = %fingerprint, error = %error, "conneqt-guard: could not verify token");
+            Decision::Reject(Rejection::upstream_unavailable())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reject::RejectionReason;
+    use crate::token::TokenHasher;
+
+    fn presented() -> PresentedToken {
+        PresentedToken::new(
+            http::HeaderValue::from_static("ea4f820e-f352-4515-af73-630220045ef0"),
+            &TokenHasher::for_process().unwrap(),
+        )
+    }
+
+    fn reason(decision: Decision) -> Option<RejectionReason> {
+        match decision {
+            Decision::Forward(_) => None,
+            Decision::Reject(rejection) => Some(rejection.reason()),
+        }
+    }
+
+    #[test]
+    fn only_a_valid_verdict_forwards() {
+        use RejectionReason::*;
+        let cases = [
+            (Ok(Verdict::Valid), None),
+            (Ok(Verdict::Gone), Some(TokenGone)),
+            (Ok(Verdict::NotAccepted { reasons: vec![] }), Some(TokenNotAccepted)),
+            (Err(UpstreamError::KeyRejected), Some(UpstreamRejectedApiKey)),
+            (Err(UpstreamError::KeyNotAuthorised), Some(UpstreamRejectedApiKey)),
+            (Err(UpstreamError::Timeout), Some(UpstreamUnavailable)),
+            (Err(UpstreamError::ServerError(500)), Some(UpstreamUnavailable)),
+            (Err(UpstreamError::UnexpectedStatus(204)), Some(UpstreamUnavailable)),
+            (Err(UpstreamError::Transport("refused".into())), Some(UpstreamUnavailable)),
+            (Err(UpstreamError::Aborted), Some(UpstreamUnavailable)),
+        ];
+        for (result, expected) in cases {
+            let shown = format!("{result:?}");
+            assert_eq!(reason(decide(result, presented(), CacheResult::Miss)), expected, "{shown}");
+        }
+    }
+}

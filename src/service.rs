@@ -1,0 +1,83 @@
+//! [`AccessTokenService`]: the middleware service the layer wraps around yours.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::future::ResponseFuture;
+use crate::layer::Shared;
+use crate::reject::{Rejection, ResponseFormat};
+use crate::token::{self, PresentedToken, TOKEN_HEADER};
+
+/// Verifies each request's access token before calling the inner service.
+///
+/// Made by [`AccessTokenLayer`](crate::AccessTokenLayer); see the [crate documentation](crate).
+#[derive(Clone, Debug)]
+pub struct AccessTokenService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> AccessTokenService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessTokenService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+{
+    type Response = Response<crate::body::ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // 0. Decide now how a rejection would be written: the request moves on below.
+        let format = ResponseFormat::of(&request);
+
+        // 1. The token's form; junk is refused without touching the cache or the upstream.
+        let value = match token::extract(request.headers(), self.shared.token_format) {
+            Ok(value) => value,
+            Err(problem) => {
+                tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
+                return ResponseFuture::rejected(Rejection::token_problem(problem).into_response(format));
+            }
+        };
+        // Keep tracing and logging layers further in from printing it.
+        if let Some(header) = request.headers_mut().get_mut(TOKEN_HEADER) {
+            header.set_sensitive(true);
+        }
+        let presented = PresentedToken::new(value, &self.shared.hasher);
+
+        // Take the inner service that was polled ready, leaving a clone in its place: a clone
+        // may not be ready, and calling it would break services such as `Buffer`.
+        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+
+        // 2-4. Cache, upstream and verdict, in the future.
+        ResponseFuture::checking(self.shared.clone(), presented, inner, request, format)
+    }
+}
