@@ -53,9 +53,7 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Rejection { body } => body
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
+            KindProj::Rejection { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
 

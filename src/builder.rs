@@ -190,7 +190,11 @@ impl AccessTokenLayerBuilder {
         let api_key = api_key(self.api_key.as_deref())?;
         check_duration("cache_ttl", self.cache_ttl, MAX_TTL)?;
         check_duration("gone_ttl", self.gone_ttl, MAX_TTL)?;
-        check_duration("upstream_timeout", self.upstream_timeout, MAX_UPSTREAM_TIMEOUT)?;
+        check_duration(
+            "upstream_timeout",
+            self.upstream_timeout,
+            MAX_UPSTREAM_TIMEOUT,
+        )?;
         if self.cache_capacity == 0 {
             return Err(BuildError::new("cache_capacity", "must be at least 1"));
         }
@@ -213,8 +217,11 @@ impl AccessTokenLayerBuilder {
             .no_proxy();
         if let Some(proxy) = &self.upstream_proxy {
             let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|error| {
-                BuildError::new("upstream_proxy", format!("{proxy:?} is not a valid proxy URL"))
-                    .with_source(error.without_url())
+                BuildError::new(
+                    "upstream_proxy",
+                    format!("{proxy:?} is not a valid proxy URL"),
+                )
+                .with_source(error.without_url())
             })?;
             client = client.proxy(proxy);
         }
@@ -258,7 +265,9 @@ fn parse_base_url(raw: &str) -> Result<reqwest::Url, BuildError> {
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(format!("{raw:?} must not have a query or fragment")));
+        return Err(invalid(format!(
+            "{raw:?} must not have a query or fragment"
+        )));
     }
     Ok(url)
 }
@@ -274,10 +283,15 @@ fn check_path(path: &str) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn join(base: &reqwest::Url, path: &str, setting: &'static str) -> Result<reqwest::Url, BuildError> {
+fn join(
+    base: &reqwest::Url,
+    path: &str,
+    setting: &'static str,
+) -> Result<reqwest::Url, BuildError> {
     let joined = format!("{}{path}", base.as_str().trim_end_matches('/'));
-    reqwest::Url::parse(&joined)
-        .map_err(|error| BuildError::new(setting, format!("{joined:?} is not a valid URL ({error})")))
+    reqwest::Url::parse(&joined).map_err(|error| {
+        BuildError::new(setting, format!("{joined:?} is not a valid URL ({error})"))
+    })
 }
 
 fn api_key(key: Option<&str>) -> Result<ApiKey, BuildError> {
@@ -295,7 +309,10 @@ fn api_key(key: Option<&str>) -> Result<ApiKey, BuildError> {
         .ok()
         .filter(|_| key.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
         .ok_or_else(|| {
-            BuildError::new("api_key", "may contain only visible ASCII characters and spaces")
+            BuildError::new(
+                "api_key",
+                "may contain only visible ASCII characters and spaces",
+            )
         })?;
     Ok(ApiKey::new(value))
 }
@@ -328,7 +345,10 @@ impl fmt::Debug for AccessTokenLayerBuilder {
             .field("cache_capacity", &self.cache_capacity)
             .field("gone_capacity", &self.gone_capacity)
             .field("token_format", &self.token_format)
-            .field("upstream_proxy", &self.upstream_proxy.as_ref().map(|_| "<set>"))
+            .field(
+                "upstream_proxy",
+                &self.upstream_proxy.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }
@@ -365,7 +385,11 @@ impl BuildError {
 
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conneqt-guard setting `{}` {}", self.setting, self.problem)
+        write!(
+            f,
+            "conneqt-guard setting `{}` {}",
+            self.setting, self.problem
+        )
     }
 }
 
@@ -407,31 +431,82 @@ mod tests {
     #[test]
     fn each_bad_setting_is_named_with_its_problem() {
         let cases: Vec<(AccessTokenLayerBuilder, &str, &str)> = vec![
-            (AccessTokenLayer::builder().api_key("k"), "base_url", "required"),
-            (good().base_url("int.conneqt.health"), "base_url", "not an absolute URL"),
-            (good().base_url("ftp://int.conneqt.health"), "base_url", "http or https"),
-            (good().base_url("https://user:pw@int.conneqt.health"), "base_url", "credentials"),
-            (good().base_url("https://int.conneqt.health/?x=1"), "base_url", "query"),
-            (good().verify_path("api/v1/verify"), "verify_path", "start with '/'"),
+            (
+                AccessTokenLayer::builder().api_key("k"),
+                "base_url",
+                "required",
+            ),
+            (
+                good().base_url("int.conneqt.health"),
+                "base_url",
+                "not an absolute URL",
+            ),
+            (
+                good().base_url("ftp://int.conneqt.health"),
+                "base_url",
+                "http or https",
+            ),
+            (
+                good().base_url("https://user:pw@int.conneqt.health"),
+                "base_url",
+                "credentials",
+            ),
+            (
+                good().base_url("https://int.conneqt.health/?x=1"),
+                "base_url",
+                "query",
+            ),
+            (
+                good().verify_path("api/v1/verify"),
+                "verify_path",
+                "start with '/'",
+            ),
             (good().verify_path("/verify?x"), "verify_path", "query"),
-            (AccessTokenLayer::builder().base_url("https://h"), "api_key", "required"),
+            (
+                AccessTokenLayer::builder().base_url("https://h"),
+                "api_key",
+                "required",
+            ),
             (good().api_key(""), "api_key", "empty"),
             (good().api_key(" key"), "api_key", "whitespace"),
             (good().api_key("ke\u{7f}y"), "api_key", "visible ASCII"),
             (good().api_key("kéy"), "api_key", "visible ASCII"),
-            (good().cache_ttl(Duration::ZERO), "cache_ttl", "at least 1 ms"),
-            (good().gone_ttl(Duration::from_secs(u64::MAX)), "gone_ttl", "at most"),
-            (good().upstream_timeout(Duration::from_nanos(10)), "upstream_timeout", "at least"),
-            (good().upstream_timeout(Duration::from_secs(3600)), "upstream_timeout", "at most"),
+            (
+                good().cache_ttl(Duration::ZERO),
+                "cache_ttl",
+                "at least 1 ms",
+            ),
+            (
+                good().gone_ttl(Duration::from_secs(u64::MAX)),
+                "gone_ttl",
+                "at most",
+            ),
+            (
+                good().upstream_timeout(Duration::from_nanos(10)),
+                "upstream_timeout",
+                "at least",
+            ),
+            (
+                good().upstream_timeout(Duration::from_secs(3600)),
+                "upstream_timeout",
+                "at most",
+            ),
             (good().cache_capacity(0), "cache_capacity", "at least 1"),
             (good().gone_capacity(0), "gone_capacity", "at least 1"),
-            (good().upstream_proxy("not a url"), "upstream_proxy", "not a valid proxy"),
+            (
+                good().upstream_proxy("not a url"),
+                "upstream_proxy",
+                "not a valid proxy",
+            ),
         ];
         for (builder, setting, problem) in cases {
             let error = error(builder);
             assert_eq!(error.setting(), setting, "{error}");
             let message = error.to_string();
-            assert!(message.contains(setting) && message.contains(problem), "{message}");
+            assert!(
+                message.contains(setting) && message.contains(problem),
+                "{message}"
+            );
         }
     }
 
@@ -442,7 +517,10 @@ mod tests {
         assert!(!format!("{builder:?}").contains(key));
         let failure = error(builder);
         let shown = format!("{failure} {failure:?}");
-        assert!(!shown.contains(key) && !shown.contains("topsecret"), "{shown}");
+        assert!(
+            !shown.contains(key) && !shown.contains("topsecret"),
+            "{shown}"
+        );
         let layer = good().build().unwrap();
         assert!(!format!("{layer:?}").contains(key));
         let failure = error(good().api_key("sekrit\u{1}"));

@@ -8,6 +8,7 @@
 //! This module does not know how a token is verified: it is handed the verify future.
 
 use std::future::Future;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -69,6 +70,21 @@ impl VerdictCache {
             Some(Verdict::Gone)
         } else {
             None
+        }
+    }
+
+    /// The cached verdict for `key` if it can be had without waiting, which is almost always:
+    /// moka's `get` only waits when it must take its turn at housekeeping. `None` means "not
+    /// known right now"; the caller then takes the asynchronous path, [`Self::get_or_verify`].
+    ///
+    /// This lets a cache hit skip boxing a future and spawning nothing at all.
+    pub(crate) fn lookup_now(&self, key: &TokenHash) -> Option<Verdict> {
+        let lookup = std::pin::pin!(self.lookup(key));
+        let mut cx = Context::from_waker(Waker::noop());
+        match lookup.poll(&mut cx) {
+            Poll::Ready(verdict) => verdict,
+            // Dropping the pending lookup is fine: a read has no effects to undo.
+            Poll::Pending => None,
         }
     }
 
@@ -182,16 +198,30 @@ mod tests {
         for (token, answer, remembered) in [
             ("valid", Ok(Verdict::Valid), true),
             ("gone", Ok(Verdict::Gone), true),
-            ("refused", Ok(Verdict::NotAccepted { reasons: vec![] }), false),
+            (
+                "refused",
+                Ok(Verdict::NotAccepted { reasons: vec![] }),
+                false,
+            ),
             ("error", Err(TestError::Down), false),
         ] {
             calls.store(0, Ordering::SeqCst);
-            let (first, how) = cache.get_or_verify(key(token), || counted(answer.clone())).await;
+            let (first, how) = cache
+                .get_or_verify(key(token), || counted(answer.clone()))
+                .await;
             assert_eq!((first, how), (answer.clone(), CacheResult::Miss), "{token}");
             let (_, how) = cache.get_or_verify(key(token), || counted(answer)).await;
-            let expected = if remembered { CacheResult::Hit } else { CacheResult::Miss };
+            let expected = if remembered {
+                CacheResult::Hit
+            } else {
+                CacheResult::Miss
+            };
             assert_eq!(how, expected, "{token}");
-            assert_eq!(calls.load(Ordering::SeqCst), if remembered { 1 } else { 2 }, "{token}");
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                if remembered { 1 } else { 2 },
+                "{token}"
+            );
         }
     }
 
@@ -205,9 +235,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lookup_now_sees_what_lookup_sees() {
+        let cache = cache();
+        assert_eq!(cache.lookup_now(&key("v")), None);
+        let _ = cache
+            .get_or_verify(key("v"), || async { Ok::<_, TestError>(Verdict::Valid) })
+            .await;
+        let _ = cache
+            .get_or_verify(key("g"), || async { Ok::<_, TestError>(Verdict::Gone) })
+            .await;
+        assert_eq!(cache.lookup_now(&key("v")), Some(Verdict::Valid));
+        assert_eq!(cache.lookup_now(&key("g")), Some(Verdict::Gone));
+        assert_eq!(cache.lookup_now(&key("other")), None);
+    }
+
+    #[tokio::test]
     async fn invalidate_forgets_a_token() {
         let cache = cache();
-        let _ = cache.get_or_verify(key("t"), || async { Ok::<_, TestError>(Verdict::Valid) }).await;
+        let _ = cache
+            .get_or_verify(key("t"), || async { Ok::<_, TestError>(Verdict::Valid) })
+            .await;
         assert_eq!(cache.lookup(&key("t")).await, Some(Verdict::Valid));
         cache.invalidate(&key("t")).await;
         assert_eq!(cache.lookup(&key("t")).await, None);

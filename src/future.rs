@@ -1,6 +1,10 @@
-//! [`ResponseFuture`]: the steps of the request's path, in order.
+//! The response future of [`AccessTokenService`](crate::AccessTokenService).
 //!
-//! `Checking` runs the cache and, on a miss, the upstream call (the only boxed part);
+//! [`ResponseFuture`] sequences the steps of the request's path, in order.
+//!
+//! A verdict already in the cache is found in `call` itself, which then starts in
+//! `Forwarding` or `Rejected`. Otherwise `Checking` runs the cache and, on a miss, the
+//! upstream call (the only boxed part);
 //! `Forwarding` drives the inner service's own future, unboxed; `Rejected` hands back a
 //! rendered rejection.
 
@@ -85,6 +89,12 @@ where
         }
     }
 
+    pub(crate) fn forwarding(future: S::Future) -> Self {
+        Self {
+            state: State::Forwarding { future },
+        }
+    }
+
     pub(crate) fn rejected(response: Response<Full<Bytes>>) -> Self {
         Self {
             state: State::Rejected {
@@ -111,8 +121,9 @@ where
                 } => {
                     let decision = ready!(check.as_mut().poll(cx));
                     let format = *format;
-                    let (mut inner, mut request) =
-                        pending.take().expect("ResponseFuture polled after completion");
+                    let (mut inner, mut request) = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
                     match decision {
                         Decision::Forward(token) => {
                             request.extensions_mut().insert(token);
@@ -132,7 +143,9 @@ where
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
                 StateProj::Rejected { response } => {
-                    let response = response.take().expect("ResponseFuture polled after completion");
+                    let response = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
                     return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
                 }
             }
@@ -150,7 +163,9 @@ where
             State::Forwarding { .. } => "Forwarding",
             State::Rejected { .. } => "Rejected",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -233,18 +248,40 @@ mod tests {
         let cases = [
             (Ok(Verdict::Valid), None),
             (Ok(Verdict::Gone), Some(TokenGone)),
-            (Ok(Verdict::NotAccepted { reasons: vec![] }), Some(TokenNotAccepted)),
-            (Err(UpstreamError::KeyRejected), Some(UpstreamRejectedApiKey)),
-            (Err(UpstreamError::KeyNotAuthorised), Some(UpstreamRejectedApiKey)),
+            (
+                Ok(Verdict::NotAccepted { reasons: vec![] }),
+                Some(TokenNotAccepted),
+            ),
+            (
+                Err(UpstreamError::KeyRejected),
+                Some(UpstreamRejectedApiKey),
+            ),
+            (
+                Err(UpstreamError::KeyNotAuthorised),
+                Some(UpstreamRejectedApiKey),
+            ),
             (Err(UpstreamError::Timeout), Some(UpstreamUnavailable)),
-            (Err(UpstreamError::ServerError(500)), Some(UpstreamUnavailable)),
-            (Err(UpstreamError::UnexpectedStatus(204)), Some(UpstreamUnavailable)),
-            (Err(UpstreamError::Transport("refused".into())), Some(UpstreamUnavailable)),
+            (
+                Err(UpstreamError::ServerError(500)),
+                Some(UpstreamUnavailable),
+            ),
+            (
+                Err(UpstreamError::UnexpectedStatus(204)),
+                Some(UpstreamUnavailable),
+            ),
+            (
+                Err(UpstreamError::Transport("refused".into())),
+                Some(UpstreamUnavailable),
+            ),
             (Err(UpstreamError::Aborted), Some(UpstreamUnavailable)),
         ];
         for (result, expected) in cases {
             let shown = format!("{result:?}");
-            assert_eq!(reason(decide(result, presented(), CacheResult::Miss)), expected, "{shown}");
+            assert_eq!(
+                reason(decide(result, presented(), CacheResult::Miss)),
+                expected,
+                "{shown}"
+            );
         }
     }
 }

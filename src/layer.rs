@@ -113,7 +113,9 @@ impl fmt::Display for ConnectionStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ok => f.write_str("Conneqt is reachable and accepts the API key"),
-            Self::KeyRejected => f.write_str("Conneqt rejected the API key (401): check CONNEQT_API_KEY"),
+            Self::KeyRejected => {
+                f.write_str("Conneqt rejected the API key (401): check CONNEQT_API_KEY")
+            }
             Self::KeyNotAuthorised => f.write_str(
                 "Conneqt knows the API key but this system is not authorised (403): ask Quicksilva",
             ),

@@ -6,7 +6,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::future::ResponseFuture;
+use crate::cache::CacheResult;
+use crate::future::{Decision, ResponseFuture, decide};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::token::{self, PresentedToken, TOKEN_HEADER};
@@ -62,7 +63,9 @@ where
             Ok(value) => value,
             Err(problem) => {
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
-                return ResponseFuture::rejected(Rejection::token_problem(problem).into_response(format));
+                return ResponseFuture::rejected(
+                    Rejection::token_problem(problem).into_response(format),
+                );
             }
         };
         // Keep tracing and logging layers further in from printing it.
@@ -70,6 +73,20 @@ where
             header.set_sensitive(true);
         }
         let presented = PresentedToken::new(value, &self.shared.hasher);
+
+        // 2. A cached verdict that can be had at once (the common case) needs no future of
+        // our own: forward to the inner service, which is ready, or reject.
+        if let Some(verdict) = self.shared.cache.lookup_now(&presented.hash()) {
+            return match decide(Ok(verdict), presented, CacheResult::Hit) {
+                Decision::Forward(token) => {
+                    request.extensions_mut().insert(token);
+                    ResponseFuture::forwarding(self.inner.call(request))
+                }
+                Decision::Reject(rejection) => {
+                    ResponseFuture::rejected(rejection.into_response(format))
+                }
+            };
+        }
 
         // Take the inner service that was polled ready, leaving a clone in its place: a clone
         // may not be ready, and calling it would break services such as `Buffer`.

@@ -11,8 +11,7 @@ use std::sync::OnceLock;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The header (HTTP) or metadata key (gRPC) that carries the token.
-pub(crate) const TOKEN_HEADER: HeaderName =
-    HeaderName::from_static("conneqt-instant-access-token");
+pub(crate) const TOKEN_HEADER: HeaderName = HeaderName::from_static("conneqt-instant-access-token");
 
 /// The longest token accepted in opaque mode. UUIDs are 36 characters; anything far longer is
 /// junk or an attack on our hashing and logging, and is refused before it costs anything.
@@ -58,7 +57,10 @@ impl TokenProblem {
 }
 
 /// Finds exactly one token in `headers` and checks its form.
-pub(crate) fn extract(headers: &HeaderMap, format: TokenFormat) -> Result<HeaderValue, TokenProblem> {
+pub(crate) fn extract(
+    headers: &HeaderMap,
+    format: TokenFormat,
+) -> Result<HeaderValue, TokenProblem> {
     let mut values = headers.get_all(&TOKEN_HEADER).iter();
     let value = values.next().ok_or(TokenProblem::Missing)?;
     if values.next().is_some() {
@@ -229,18 +231,27 @@ mod tests {
 
     #[test]
     fn upper_case_uuid_is_accepted() {
-        assert_eq!(check_form(GOOD.to_uppercase().as_bytes(), TokenFormat::Uuid), Ok(()));
+        assert_eq!(
+            check_form(GOOD.to_uppercase().as_bytes(), TokenFormat::Uuid),
+            Ok(())
+        );
     }
 
     #[test]
     fn missing_header_is_missing() {
-        assert_eq!(extract(&HeaderMap::new(), TokenFormat::Uuid), Err(TokenProblem::Missing));
+        assert_eq!(
+            extract(&HeaderMap::new(), TokenFormat::Uuid),
+            Err(TokenProblem::Missing)
+        );
     }
 
     #[test]
     fn two_headers_are_refused_even_when_both_are_good() {
         let map = headers(&[GOOD.as_bytes(), GOOD.as_bytes()]);
-        assert_eq!(extract(&map, TokenFormat::Uuid), Err(TokenProblem::Duplicated));
+        assert_eq!(
+            extract(&map, TokenFormat::Uuid),
+            Err(TokenProblem::Duplicated)
+        );
     }
 
     #[test]
@@ -250,23 +261,45 @@ mod tests {
             (&[b'a'; MAX_TOKEN_LEN + 1], TokenProblem::TooLong),
             (b"ea4f820e f352", TokenProblem::InvalidCharacters),
             (b"ea4f820e\tf352", TokenProblem::InvalidCharacters),
-            (b"ea4f820e-f352-4515-af73-630220045ef\xc3\xa9", TokenProblem::InvalidCharacters),
+            (
+                b"ea4f820e-f352-4515-af73-630220045ef\xc3\xa9",
+                TokenProblem::InvalidCharacters,
+            ),
             (b"not-a-uuid", TokenProblem::NotUuid),
             (b"ea4f820ef3524515af73630220045ef0", TokenProblem::NotUuid),
-            (b"{ea4f820e-f352-4515-af73-630220045ef0}", TokenProblem::NotUuid),
-            (b"ga4f820e-f352-4515-af73-630220045ef0", TokenProblem::NotUuid),
-            (b"ea4f820e-f352-4515-af73-630220045ef0,", TokenProblem::NotUuid),
+            (
+                b"{ea4f820e-f352-4515-af73-630220045ef0}",
+                TokenProblem::NotUuid,
+            ),
+            (
+                b"ga4f820e-f352-4515-af73-630220045ef0",
+                TokenProblem::NotUuid,
+            ),
+            (
+                b"ea4f820e-f352-4515-af73-630220045ef0,",
+                TokenProblem::NotUuid,
+            ),
         ];
         for (token, problem) in cases {
-            assert_eq!(check_form(token, TokenFormat::Uuid), Err(*problem), "{token:?}");
+            assert_eq!(
+                check_form(token, TokenFormat::Uuid),
+                Err(*problem),
+                "{token:?}"
+            );
         }
     }
 
     #[test]
     fn opaque_mode_accepts_visible_ascii_but_not_junk() {
         assert_eq!(check_form(b"abc.DEF_123~", TokenFormat::Opaque), Ok(()));
-        assert_eq!(check_form(b"a b", TokenFormat::Opaque), Err(TokenProblem::InvalidCharacters));
-        assert_eq!(check_form(b"", TokenFormat::Opaque), Err(TokenProblem::Empty));
+        assert_eq!(
+            check_form(b"a b", TokenFormat::Opaque),
+            Err(TokenProblem::InvalidCharacters)
+        );
+        assert_eq!(
+            check_form(b"", TokenFormat::Opaque),
+            Err(TokenProblem::Empty)
+        );
     }
 
     #[test]
@@ -288,9 +321,15 @@ mod tests {
         let hasher = TokenHasher::for_process().unwrap();
         let again = TokenHasher::for_process().unwrap();
         assert_eq!(hasher.hash(GOOD.as_bytes()), again.hash(GOOD.as_bytes()));
-        assert_ne!(hasher.hash(GOOD.as_bytes()), hasher.hash(b"ea4f820e-f352-4515-af73-630220045ef1"));
+        assert_ne!(
+            hasher.hash(GOOD.as_bytes()),
+            hasher.hash(b"ea4f820e-f352-4515-af73-630220045ef1")
+        );
         // Keyed: not the plain BLAKE3 of the token, which anyone could compute.
-        assert_ne!(hasher.hash(GOOD.as_bytes()).0, *blake3::hash(GOOD.as_bytes()).as_bytes());
+        assert_ne!(
+            hasher.hash(GOOD.as_bytes()).0,
+            *blake3::hash(GOOD.as_bytes()).as_bytes()
+        );
     }
 
     #[test]

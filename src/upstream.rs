@@ -211,7 +211,11 @@ async fn read_bounded(mut response: reqwest::Response, limit: usize) -> reqwest:
 /// Turns the upstream's status (and, for 400, its problem body) into a verdict or an error.
 ///
 /// `token` is only used to scrub it out of any reason the upstream quotes back.
-pub(crate) fn classify(status: StatusCode, body: &[u8], token: &[u8]) -> Result<Verdict, UpstreamError> {
+pub(crate) fn classify(
+    status: StatusCode,
+    body: &[u8],
+    token: &[u8],
+) -> Result<Verdict, UpstreamError> {
     match status {
         StatusCode::OK => Ok(Verdict::Valid),
         StatusCode::GONE => Ok(Verdict::Gone),
@@ -269,7 +273,11 @@ fn reasons_from_problem(body: &[u8], token: &[u8]) -> Vec<String> {
             } else {
                 reason.replace(token, "[token]")
             };
-            reason.chars().filter(|c| !c.is_control()).take(MAX_REASON_LEN).collect()
+            reason
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_REASON_LEN)
+                .collect()
         })
         .collect()
 }
@@ -284,13 +292,22 @@ mod tests {
     fn documented_statuses_map_to_verdicts_or_errors() {
         assert_eq!(classify(StatusCode::OK, b"", TOKEN), Ok(Verdict::Valid));
         assert_eq!(classify(StatusCode::GONE, b"", TOKEN), Ok(Verdict::Gone));
-        assert_eq!(classify(StatusCode::UNAUTHORIZED, b"", TOKEN), Err(UpstreamError::KeyRejected));
-        assert_eq!(classify(StatusCode::FORBIDDEN, b"", TOKEN), Err(UpstreamError::KeyNotAuthorised));
+        assert_eq!(
+            classify(StatusCode::UNAUTHORIZED, b"", TOKEN),
+            Err(UpstreamError::KeyRejected)
+        );
+        assert_eq!(
+            classify(StatusCode::FORBIDDEN, b"", TOKEN),
+            Err(UpstreamError::KeyNotAuthorised)
+        );
         assert_eq!(
             classify(StatusCode::INTERNAL_SERVER_ERROR, b"", TOKEN),
             Err(UpstreamError::ServerError(500))
         );
-        assert_eq!(classify(StatusCode::BAD_GATEWAY, b"", TOKEN), Err(UpstreamError::ServerError(502)));
+        assert_eq!(
+            classify(StatusCode::BAD_GATEWAY, b"", TOKEN),
+            Err(UpstreamError::ServerError(502))
+        );
     }
 
     #[test]
@@ -320,7 +337,10 @@ mod tests {
     #[test]
     fn bad_request_without_parameters_uses_detail_then_title_and_garbage_gives_none() {
         let with_title = br#"{"title":"Request Validation Error","status":400}"#;
-        assert_eq!(reasons_from_problem(with_title, TOKEN), vec!["Request Validation Error"]);
+        assert_eq!(
+            reasons_from_problem(with_title, TOKEN),
+            vec!["Request Validation Error"]
+        );
         assert!(reasons_from_problem(b"<html>oops</html>", TOKEN).is_empty());
     }
 

@@ -42,7 +42,10 @@ pub(crate) fn render(rejection: &Rejection) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, APPLICATION_GRPC);
-    headers.insert(GRPC_STATUS, HeaderValue::from(u16::from(code(rejection.reason))));
+    headers.insert(
+        GRPC_STATUS,
+        HeaderValue::from(u16::from(code(rejection.reason))),
+    );
     // Percent-encoding leaves only visible ASCII and spaces, which are always a valid value.
     if let Ok(value) = HeaderValue::from_str(&encoded) {
         headers.insert(GRPC_MESSAGE, value);
@@ -67,8 +70,14 @@ mod tests {
 
     #[test]
     fn upstream_trouble_is_unavailable_and_key_trouble_is_internal() {
-        assert_eq!(render(&Rejection::upstream_unavailable()).headers()[GRPC_STATUS], "14");
-        assert_eq!(render(&Rejection::upstream_rejected_api_key()).headers()[GRPC_STATUS], "13");
+        assert_eq!(
+            render(&Rejection::upstream_unavailable()).headers()[GRPC_STATUS],
+            "14"
+        );
+        assert_eq!(
+            render(&Rejection::upstream_rejected_api_key()).headers()[GRPC_STATUS],
+            "13"
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl Rejection {
         let detail = if reasons.is_empty() {
             "Conneqt did not accept the access token.".to_owned()
         } else {
-            format!("Conneqt did not accept the access token: {}", reasons.join("; "))
+            format!(
+                "Conneqt did not accept the access token: {}",
+                reasons.join("; ")
+            )
         };
         Self::new(RejectionReason::TokenNotAccepted, detail)
     }
@@ -210,8 +213,14 @@ mod tests {
     #[test]
     fn the_reason_rides_in_the_response_extensions() {
         let response = Rejection::gone().into_response(ResponseFormat::Problem);
-        assert_eq!(response.extensions().get::<RejectionReason>(), Some(&RejectionReason::TokenGone));
+        assert_eq!(
+            response.extensions().get::<RejectionReason>(),
+            Some(&RejectionReason::TokenGone)
+        );
         let response = Rejection::gone().into_response(ResponseFormat::Grpc);
-        assert_eq!(response.extensions().get::<RejectionReason>(), Some(&RejectionReason::TokenGone));
+        assert_eq!(
+            response.extensions().get::<RejectionReason>(),
+            Some(&RejectionReason::TokenGone)
+        );
     }
 }

@@ -13,7 +13,8 @@ pub(crate) const RETRY_AFTER_SECS: u64 = 1;
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-const CHALLENGE: HeaderValue = HeaderValue::from_static("Conneqt-Instant-Access-Token realm=\"conneqt\"");
+const CHALLENGE: HeaderValue =
+    HeaderValue::from_static("Conneqt-Instant-Access-Token realm=\"conneqt\"");
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -38,18 +39,30 @@ struct InvalidParameter {
 /// stable identifiers that do not pretend to be web pages.
 pub(crate) fn type_and_title(reason: RejectionReason) -> (&'static str, &'static str) {
     match reason {
-        RejectionReason::MissingToken => ("tag:conneqt-guard,2026:missing-token", "Access token required"),
-        RejectionReason::MalformedToken => ("tag:conneqt-guard,2026:malformed-token", "Malformed access token"),
-        RejectionReason::TokenNotAccepted => {
-            ("tag:conneqt-guard,2026:token-not-accepted", "Access token not accepted")
-        }
-        RejectionReason::TokenGone => ("tag:conneqt-guard,2026:token-gone", "Access token no longer valid"),
-        RejectionReason::UpstreamUnavailable => {
-            ("tag:conneqt-guard,2026:upstream-unavailable", "Token verification unavailable")
-        }
-        RejectionReason::UpstreamRejectedApiKey => {
-            ("tag:conneqt-guard,2026:verification-misconfigured", "Token verification misconfigured")
-        }
+        RejectionReason::MissingToken => (
+            "tag:conneqt-guard,2026:missing-token",
+            "Access token required",
+        ),
+        RejectionReason::MalformedToken => (
+            "tag:conneqt-guard,2026:malformed-token",
+            "Malformed access token",
+        ),
+        RejectionReason::TokenNotAccepted => (
+            "tag:conneqt-guard,2026:token-not-accepted",
+            "Access token not accepted",
+        ),
+        RejectionReason::TokenGone => (
+            "tag:conneqt-guard,2026:token-gone",
+            "Access token no longer valid",
+        ),
+        RejectionReason::UpstreamUnavailable => (
+            "tag:conneqt-guard,2026:upstream-unavailable",
+            "Token verification unavailable",
+        ),
+        RejectionReason::UpstreamRejectedApiKey => (
+            "tag:conneqt-guard,2026:verification-misconfigured",
+            "Token verification misconfigured",
+        ),
     }
 }
 
@@ -106,8 +119,14 @@ mod tests {
         let body = json(response).await;
         assert_eq!(body["type"], "tag:conneqt-guard,2026:malformed-token");
         assert_eq!(body["status"], 400);
-        assert_eq!(body["invalidParameters"][0]["name"], "Conneqt-Instant-Access-Token");
-        assert_eq!(body["invalidParameters"][0]["reason"], TokenProblem::NotUuid.reason());
+        assert_eq!(
+            body["invalidParameters"][0]["name"],
+            "Conneqt-Instant-Access-Token"
+        );
+        assert_eq!(
+            body["invalidParameters"][0]["reason"],
+            TokenProblem::NotUuid.reason()
+        );
         assert!(body["instance"].as_str().unwrap().starts_with("urn:uuid:"));
     }
 
@@ -115,7 +134,12 @@ mod tests {
     async fn missing_token_is_a_challenge_without_invalid_parameters() {
         let response = render(&Rejection::token_problem(TokenProblem::Missing));
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-        assert!(response.headers()[WWW_AUTHENTICATE].to_str().unwrap().starts_with("Conneqt"));
+        assert!(
+            response.headers()[WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .starts_with("Conneqt")
+        );
         let body = json(response).await;
         assert!(body.get("invalidParameters").is_none());
         assert_eq!(body["title"], "Access token required");
@@ -133,7 +157,12 @@ mod tests {
         let response = render(&Rejection::not_accepted(&["AccessToken: expired".into()]));
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         let body = json(response).await;
-        assert!(body["detail"].as_str().unwrap().ends_with("AccessToken: expired"));
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .ends_with("AccessToken: expired")
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,283 @@
+//! One test per row of the HTTP behaviour table: what the client gets, whether the inner
+//! service ran, and how often the upstream was called. All over real HTTP on 127.0.0.1.
+
+mod support;
+
+use std::time::Duration;
+
+use conneqt_guard::simulator::{Fault, Simulator};
+use support::{Harness, Seen, TOKEN_HEADER, problem, start, start_with};
+
+#[tokio::test]
+async fn valid_token_reaches_the_handler_with_a_verified_token_after_one_upstream_call() {
+    let h = start().await;
+    let token = h.simulator.issue_token();
+
+    let response = h.get(Some(&token)).await;
+
+    assert_eq!(response.status(), 200);
+    let seen: Seen = response.json().await.unwrap();
+    assert!(
+        seen.token_matches_header,
+        "VerifiedToken::as_str is the presented token"
+    );
+    assert_eq!(seen.fingerprint.len(), 8);
+    assert_eq!(h.inner_calls(), 1);
+    assert_eq!(h.simulator.verify_calls_for(&token), 1);
+}
+
+#[tokio::test]
+async fn missing_token_is_401_with_a_challenge_and_neither_inner_nor_upstream_is_called() {
+    let h = start().await;
+
+    let response = h.get(None).await;
+
+    assert!(
+        response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Conneqt-Instant-Access-Token")
+    );
+    let body = problem(response, 401).await;
+    assert_eq!(body["type"], "tag:conneqt-guard,2026:missing-token");
+    assert!(body.get("invalidParameters").is_none());
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test]
+async fn malformed_tokens_are_400_naming_the_header_and_neither_inner_nor_upstream_is_called() {
+    let h = start().await;
+    let too_long = "a".repeat(300);
+    let good = h.simulator.issue_token();
+    let cases: Vec<(&str, Vec<&[u8]>, &str)> = vec![
+        ("empty", vec![b""], "empty"),
+        ("not a uuid", vec![b"hello-world"], "UUID"),
+        (
+            "uuid without hyphens",
+            vec![b"ea4f820ef3524515af73630220045ef0"],
+            "UUID",
+        ),
+        ("too long", vec![too_long.as_bytes()], "longer than 256"),
+        (
+            "tab inside",
+            vec![b"ea4f820e-f352\t4515-af73-630220045ef0"],
+            "visible ASCII",
+        ),
+        (
+            "non-ASCII",
+            vec![b"ea4f820e-f352-4515-af73-630220045\xe9f0"],
+            "visible ASCII",
+        ),
+        (
+            "two headers",
+            vec![good.as_bytes(), good.as_bytes()],
+            "exactly once",
+        ),
+    ];
+    for (case, values, reason) in cases {
+        let mut request = h.client.get(h.app.url("/messages"));
+        for value in values {
+            request = request.header(TOKEN_HEADER, http::HeaderValue::from_bytes(value).unwrap());
+        }
+        let response = request.send().await.unwrap();
+        assert!(
+            response.headers().get("www-authenticate").is_none(),
+            "{case}"
+        );
+        let body = problem(response, 400).await;
+        assert_eq!(
+            body["type"], "tag:conneqt-guard,2026:malformed-token",
+            "{case}"
+        );
+        let parameter = &body["invalidParameters"][0];
+        assert_eq!(parameter["name"], "Conneqt-Instant-Access-Token", "{case}");
+        assert!(
+            parameter["reason"].as_str().unwrap().contains(reason),
+            "{case}: {body}"
+        );
+    }
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test]
+async fn revoked_token_is_410_once_per_gone_ttl_and_inner_is_not_called() {
+    let h = start().await;
+    let token = h.simulator.issue_token();
+    h.simulator.revoke(&token);
+
+    let first = problem(h.get(Some(&token)).await, 410).await;
+    let second = problem(h.get(Some(&token)).await, 410).await;
+
+    assert_eq!(first["type"], "tag:conneqt-guard,2026:token-gone");
+    assert_ne!(first["instance"], second["instance"]);
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(
+        h.simulator.verify_calls_for(&token),
+        1,
+        "the gone verdict is cached"
+    );
+}
+
+#[tokio::test]
+async fn unknown_token_is_410_like_a_revoked_one() {
+    let h = start().await;
+    let unknown = "123e4567-e89b-12d3-a456-426614174000";
+    problem(h.get(Some(unknown)).await, 410).await;
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(h.upstream_calls(), 1);
+}
+
+#[tokio::test]
+async fn upstream_400_is_401_with_the_upstreams_reasons_and_is_asked_every_time() {
+    // In opaque mode a non-UUID token reaches the upstream, which refuses it with a 400.
+    let h = start_with(|b| b.accept_opaque_tokens(true)).await;
+    let token = "opaque-token-not-a-uuid";
+
+    let first = h.get(Some(token)).await;
+    assert!(first.headers().contains_key("www-authenticate"));
+    let body = problem(first, 401).await;
+    problem(h.get(Some(token)).await, 401).await;
+
+    assert_eq!(body["type"], "tag:conneqt-guard,2026:token-not-accepted");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("AccessToken"), "{detail}");
+    assert!(
+        !detail.contains(token),
+        "the token is never echoed: {detail}"
+    );
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(
+        h.simulator.verify_calls_for(token),
+        2,
+        "400 answers are not cached"
+    );
+}
+
+async fn assert_key_problem_is_500_every_time(pick_key: impl FnOnce(&Simulator) -> String) {
+    let simulator = Simulator::start().await.unwrap();
+    let guard = conneqt_guard::AccessTokenLayer::builder()
+        .base_url(simulator.base_url())
+        .api_key(pick_key(&simulator))
+        .build()
+        .unwrap();
+    let app = support::serve(guard).await;
+    let token = simulator.issue_token();
+    let client = support::client();
+    for _ in 0..2 {
+        let response = client
+            .get(app.url("/messages"))
+            .header(TOKEN_HEADER, &token)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.headers().get("www-authenticate").is_none());
+        let body = problem(response, 500).await;
+        assert_eq!(
+            body["type"],
+            "tag:conneqt-guard,2026:verification-misconfigured"
+        );
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("not a problem with the request")
+        );
+    }
+    assert_eq!(app.inner_calls(), 0);
+    assert_eq!(simulator.verify_calls_for(&token), 2, "never cached");
+}
+
+#[tokio::test]
+async fn upstream_401_for_our_key_is_500_that_does_not_blame_the_client_and_is_never_cached() {
+    assert_key_problem_is_500_every_time(|_| "not-the-simulators-key".to_owned()).await;
+}
+
+#[tokio::test]
+async fn upstream_403_for_our_key_is_500_that_does_not_blame_the_client_and_is_never_cached() {
+    assert_key_problem_is_500_every_time(|sim| sim.unauthorised_api_key().to_owned()).await;
+}
+
+async fn assert_unavailable_every_time(h: &Harness, token: &str, upstream_calls: usize) {
+    for _ in 0..2 {
+        let response = h.get(Some(token)).await;
+        assert_eq!(response.headers()["retry-after"], "1");
+        let body = problem(response, 503).await;
+        assert_eq!(body["type"], "tag:conneqt-guard,2026:upstream-unavailable");
+    }
+    assert_eq!(h.inner_calls(), 0);
+    assert_eq!(
+        h.simulator.verify_calls_for(token),
+        upstream_calls,
+        "errors are never cached"
+    );
+}
+
+#[tokio::test]
+async fn upstream_faults_are_503_with_retry_after_and_never_cached() {
+    let faults = [
+        Fault::Status(500),
+        Fault::Status(502),
+        Fault::Status(204),
+        Fault::Status(302),
+        Fault::Status(418),
+        Fault::DropConnection,
+        Fault::Garbage,
+        Fault::Hang,
+    ];
+    for fault in faults {
+        let h = start_with(|b| b.upstream_timeout(Duration::from_millis(300))).await;
+        let token = h.simulator.issue_token();
+        h.simulator.set_fault(fault.clone());
+        assert_unavailable_every_time(&h, &token, 2).await;
+        // Once the upstream recovers, the same token is accepted: nothing bad was cached.
+        h.simulator.clear_fault();
+        assert_eq!(h.get(Some(&token)).await.status(), 200, "{fault:?}");
+        assert_eq!(h.inner_calls(), 1, "{fault:?}");
+    }
+}
+
+#[tokio::test]
+async fn slow_upstream_past_the_timeout_is_503() {
+    let h = start_with(|b| b.upstream_timeout(Duration::from_millis(200))).await;
+    let token = h.simulator.issue_token();
+    h.simulator.set_latency(Duration::from_secs(5));
+    assert_unavailable_every_time(&h, &token, 2).await;
+}
+
+#[tokio::test]
+async fn refused_connection_is_503_and_inner_is_not_called() {
+    let h = start().await;
+    let token = h.simulator.issue_token();
+    // A port that nothing listens on: bind, learn the port, close.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let guard = conneqt_guard::AccessTokenLayer::builder()
+        .base_url(format!("http://{closed}"))
+        .api_key("any-key")
+        .build()
+        .unwrap();
+    let app = support::serve(guard).await;
+
+    let response = h
+        .client
+        .get(app.url("/messages"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.headers()["retry-after"], "1");
+    problem(response, 503).await;
+    assert_eq!(app.inner_calls(), 0);
+}
+
+#[tokio::test]
+async fn rejections_are_not_cacheable_by_intermediaries() {
+    let h = start().await;
+    let response = h.get(None).await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
+}

@@ -1,0 +1,162 @@
+//! Shared test harness: the Conneqt simulator and a guarded axum app, both on 127.0.0.1:0,
+//! with a counter of how often the inner (messaging) service ran.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use conneqt_guard::simulator::Simulator;
+use conneqt_guard::{AccessTokenLayer, AccessTokenLayerBuilder, VerifiedToken};
+use http::HeaderMap;
+
+pub const TOKEN_HEADER: &str = "conneqt-instant-access-token";
+
+/// A running simulator plus a guarded app.
+pub struct Harness {
+    pub simulator: Arc<Simulator>,
+    pub guard: AccessTokenLayer,
+    pub app: App,
+    pub client: reqwest::Client,
+}
+
+/// One guarded app on its own port.
+pub struct App {
+    pub addr: SocketAddr,
+    pub inner_calls: Arc<AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl App {
+    pub fn inner_calls(&self) -> usize {
+        self.inner_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// What the inner handler saw, echoed back so tests can check it.
+#[derive(serde::Deserialize, serde::Serialize, Debug)]
+pub struct Seen {
+    pub fingerprint: String,
+    pub token_matches_header: bool,
+    pub body_len: usize,
+    pub body_blake3: String,
+}
+
+async fn messages(
+    State(calls): State<Arc<AtomicUsize>>,
+    Extension(token): Extension<VerifiedToken>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Json<Seen> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let header = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    Json(Seen {
+        fingerprint: token.fingerprint().to_string(),
+        token_matches_header: header == Some(token.as_str()),
+        body_len: body.len(),
+        body_blake3: blake3::hash(&body).to_hex().to_string(),
+    })
+}
+
+/// Starts a guarded app using `guard`.
+pub async fn serve(guard: AccessTokenLayer) -> App {
+    let inner_calls = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/messages", get(messages).post(messages))
+        .with_state(inner_calls.clone())
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(guard);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    App {
+        addr,
+        inner_calls,
+        server,
+    }
+}
+
+/// The builder pointed at `simulator`, with the simulator's good key.
+pub fn builder_for(simulator: &Simulator) -> AccessTokenLayerBuilder {
+    AccessTokenLayer::builder()
+        .base_url(simulator.base_url())
+        .api_key(simulator.api_key())
+}
+
+/// Simulator + app with default settings.
+pub async fn start() -> Harness {
+    start_with(|b| b).await
+}
+
+/// Simulator + app, with the builder adjusted by `configure`.
+pub async fn start_with(
+    configure: impl FnOnce(AccessTokenLayerBuilder) -> AccessTokenLayerBuilder,
+) -> Harness {
+    let simulator = Arc::new(Simulator::start().await.expect("simulator starts"));
+    let guard = configure(builder_for(&simulator))
+        .build()
+        .expect("guard builds");
+    let app = serve(guard.clone()).await;
+    Harness {
+        simulator,
+        guard,
+        app,
+        client: client(),
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+impl Harness {
+    /// `GET /messages`, with the token header if given.
+    pub async fn get(&self, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(self.app.url("/messages"));
+        if let Some(token) = token {
+            request = request.header(TOKEN_HEADER, token);
+        }
+        request.send().await.expect("the guarded app answers")
+    }
+
+    pub fn inner_calls(&self) -> usize {
+        self.app.inner_calls()
+    }
+
+    pub fn upstream_calls(&self) -> usize {
+        self.simulator.verify_calls()
+    }
+}
+
+/// A problem+json body, checked for the RFC 9457 members every rejection has.
+pub async fn problem(response: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: serde_json::Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status, "{body}");
+    for member in ["type", "title", "detail", "instance"] {
+        assert!(body[member].is_string(), "{member} missing in {body}");
+    }
+    assert!(body["instance"].as_str().unwrap().starts_with("urn:uuid:"));
+    body
+}
