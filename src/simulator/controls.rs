@@ -13,8 +13,7 @@ use super::{Fault, RecordedRequest, Simulator};
 ///
 /// Small state sits behind a std `Mutex` that is never held across an `.await`; the verify
 /// call count and the pause flag live in `watch` channels so that waiters are woken by events
-/// rather than polling.
-#[derive(Debug)]
+/// rather than polling. Deliberately not `Debug`, so the API keys cannot leak into logs.
 pub(super) struct Shared {
     pub(super) api_key: String,
     pub(super) unauthorised_api_key: String,

@@ -109,11 +109,10 @@ async fn verify(State(shared): State<Arc<Shared>>, request: Request) -> Response
     if parts.method != Method::GET {
         return method_not_allowed("GET");
     }
-    if let Err(answer) = authorise(&shared, &parts.headers) {
-        return answer;
-    }
-    if let Err(answer) = require_json_content_type(&parts.headers) {
-        return answer;
+    let checked =
+        authorise(&shared, &parts.headers).and_then(|()| require_json_content_type(&parts.headers));
+    if let Err(rejection) = checked {
+        return rejection.into_response();
     }
     let token = parts
         .headers
@@ -141,11 +140,9 @@ async fn issue_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(answer) = authorise(&shared, &headers) {
-        return answer;
-    }
-    if let Err(answer) = require_json_content_type(&headers) {
-        return answer;
+    let checked = authorise(&shared, &headers).and_then(|()| require_json_content_type(&headers));
+    if let Err(rejection) = checked {
+        return rejection.into_response();
     }
     let body: Option<Value> = serde_json::from_slice(&body).ok();
     let code = body.as_ref().and_then(Value::as_object).and_then(|object| {
@@ -176,7 +173,7 @@ async fn issue_token(
 async fn test_connection(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     match authorise(&shared, &headers) {
         Ok(()) => empty(StatusCode::OK),
-        Err(answer) => answer,
+        Err(rejection) => rejection.into_response(),
     }
 }
 
@@ -215,18 +212,42 @@ fn fault_status(code: u16) -> Response {
     }
 }
 
-/// `Ok` when `ApiKey` authenticates and is authorised; otherwise the `401` / `403` answer.
-fn authorise(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    match headers.get(&API_KEY).map(HeaderValue::as_bytes) {
-        Some(key) if key == shared.api_key.as_bytes() => Ok(()),
-        Some(key) if key == shared.unauthorised_api_key.as_bytes() => {
-            Err(problem(StatusCode::FORBIDDEN))
+/// Why a request is turned away before its own checks; small, so `Result<(), Rejection>` stays
+/// cheap to return.
+#[derive(Debug, Clone, Copy)]
+enum Rejection {
+    /// `401`: missing or unknown `ApiKey`.
+    Unauthorized,
+    /// `403`: known `ApiKey`, not authorised.
+    Forbidden,
+    /// `400`: a validation error on one parameter.
+    Invalid {
+        name: &'static str,
+        reason: &'static str,
+    },
+}
+
+impl Rejection {
+    fn into_response(self) -> Response {
+        match self {
+            Rejection::Unauthorized => problem(StatusCode::UNAUTHORIZED),
+            Rejection::Forbidden => problem(StatusCode::FORBIDDEN),
+            Rejection::Invalid { name, reason } => validation_error(name, reason),
         }
-        _ => Err(problem(StatusCode::UNAUTHORIZED)),
     }
 }
 
-fn require_json_content_type(headers: &HeaderMap) -> Result<(), Response> {
+/// `Ok` when `ApiKey` authenticates and is authorised.
+fn authorise(shared: &Shared, headers: &HeaderMap) -> Result<(), Rejection> {
+    match headers.get(&API_KEY).map(HeaderValue::as_bytes) {
+        Some(key) if key == shared.api_key.as_bytes() => Ok(()),
+        Some(key) if key == shared.unauthorised_api_key.as_bytes() => Err(Rejection::Forbidden),
+        _ => Err(Rejection::Unauthorized),
+    }
+}
+
+/// `Ok` when `Content-Type` starts with `application/json` (ASCII case-insensitively).
+fn require_json_content_type(headers: &HeaderMap) -> Result<(), Rejection> {
     let is_json = headers.get(CONTENT_TYPE).is_some_and(|value| {
         value
             .as_bytes()
@@ -236,10 +257,10 @@ fn require_json_content_type(headers: &HeaderMap) -> Result<(), Response> {
     if is_json {
         Ok(())
     } else {
-        Err(validation_error(
-            "Content-Type",
-            "Content-Type must be application/json",
-        ))
+        Err(Rejection::Invalid {
+            name: "Content-Type",
+            reason: "Content-Type must be application/json",
+        })
     }
 }
 
