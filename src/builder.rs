@@ -10,7 +10,7 @@ use http::HeaderValue;
 use crate::cache::VerdictCache;
 use crate::layer::{AccessTokenLayer, Shared};
 use crate::token::{TokenFormat, TokenHasher};
-use crate::upstream::{ApiKey, Upstream};
+use crate::upstream::{ApiKey, Resilience, Upstream};
 
 /// Default for [`AccessTokenLayerBuilder::cache_ttl`]: 30 seconds.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -24,6 +24,12 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_GONE_CAPACITY: u64 = 100_000;
 /// Default for [`AccessTokenLayerBuilder::verify_path`], from the vendor's example request.
 pub const DEFAULT_VERIFY_PATH: &str = "/api/v1/messages/instant/access/token/verify";
+/// Default for [`AccessTokenLayerBuilder::max_concurrent_verifications`]: 64.
+pub const DEFAULT_MAX_CONCURRENT_VERIFICATIONS: usize = 64;
+/// Default for [`AccessTokenLayerBuilder::circuit_breaker_threshold`]: 5 failures in a row.
+pub const DEFAULT_CIRCUIT_BREAKER_THRESHOLD: u32 = 5;
+/// Default for [`AccessTokenLayerBuilder::circuit_breaker_cool_down`]: 5 seconds.
+pub const DEFAULT_CIRCUIT_BREAKER_COOL_DOWN: Duration = Duration::from_secs(5);
 /// The vendor's connection-check endpoint, relative to the base URL.
 pub(crate) const TEST_PATH: &str = "/api/v1/test";
 
@@ -32,6 +38,8 @@ pub(crate) const TEST_PATH: &str = "/api/v1/test";
 const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// The longest an upstream call may take (5 minutes).
 const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// The longest cool-down of the circuit breaker (1 hour).
+const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 
 /// Builds an [`AccessTokenLayer`]. Made by [`AccessTokenLayer::builder`].
 ///
@@ -50,6 +58,10 @@ const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// | [`gone_capacity`](Self::gone_capacity) | [`DEFAULT_GONE_CAPACITY`] |
 /// | [`accept_opaque_tokens`](Self::accept_opaque_tokens) | `false` (tokens must be UUIDs) |
 /// | [`upstream_proxy`](Self::upstream_proxy) | none (system proxy variables are ignored) |
+/// | [`max_concurrent_verifications`](Self::max_concurrent_verifications) | [`DEFAULT_MAX_CONCURRENT_VERIFICATIONS`] (64) |
+/// | [`upstream_retry`](Self::upstream_retry) | `true` (one retry within `upstream_timeout`) |
+/// | [`circuit_breaker_threshold`](Self::circuit_breaker_threshold) | [`DEFAULT_CIRCUIT_BREAKER_THRESHOLD`] (5) |
+/// | [`circuit_breaker_cool_down`](Self::circuit_breaker_cool_down) | [`DEFAULT_CIRCUIT_BREAKER_COOL_DOWN`] (5 s) |
 ///
 /// ```
 /// use std::time::Duration;
@@ -82,6 +94,10 @@ pub struct AccessTokenLayerBuilder {
     gone_capacity: u64,
     token_format: TokenFormat,
     upstream_proxy: Option<String>,
+    max_concurrent_verifications: usize,
+    upstream_retry: bool,
+    circuit_breaker_threshold: u32,
+    circuit_breaker_cool_down: Duration,
 }
 
 impl Default for AccessTokenLayerBuilder {
@@ -97,6 +113,10 @@ impl Default for AccessTokenLayerBuilder {
             gone_capacity: DEFAULT_GONE_CAPACITY,
             token_format: TokenFormat::Uuid,
             upstream_proxy: None,
+            max_concurrent_verifications: DEFAULT_MAX_CONCURRENT_VERIFICATIONS,
+            upstream_retry: true,
+            circuit_breaker_threshold: DEFAULT_CIRCUIT_BREAKER_THRESHOLD,
+            circuit_breaker_cool_down: DEFAULT_CIRCUIT_BREAKER_COOL_DOWN,
         }
     }
 }
@@ -175,6 +195,39 @@ impl AccessTokenLayerBuilder {
         self
     }
 
+    /// The most upstream verify calls in flight at once, across all clones of the layer.
+    /// Beyond it, verifications wait for a slot until their `upstream_timeout` deadline, then
+    /// get `503`. Protects the upstream from a flood of distinct well-formed tokens. At least 1.
+    pub fn max_concurrent_verifications(mut self, calls: usize) -> Self {
+        self.max_concurrent_verifications = calls;
+        self
+    }
+
+    /// Whether a verify call that failed with a connection error or a `502`/`503`/`504` is
+    /// tried once more, after a jittered pause of about 50 ms, if time remains before the
+    /// `upstream_timeout` deadline. Documented verdicts (`200`, `400`, `401`, `403`, `410`),
+    /// `500` and timeouts are never retried.
+    pub fn upstream_retry(mut self, retry: bool) -> Self {
+        self.upstream_retry = retry;
+        self
+    }
+
+    /// After this many consecutive upstream failures (timeouts, connection errors, `5xx`,
+    /// undocumented statuses), verifications fail fast with `503` and a `Retry-After` for the
+    /// [cool-down](Self::circuit_breaker_cool_down); then one probe is let through, and its
+    /// result closes or re-opens the circuit. Tokens with a cached good verdict keep working
+    /// throughout. At least 1.
+    pub fn circuit_breaker_threshold(mut self, failures: u32) -> Self {
+        self.circuit_breaker_threshold = failures;
+        self
+    }
+
+    /// How long the circuit stays open before a probe. Between 1 ms and 1 hour.
+    pub fn circuit_breaker_cool_down(mut self, cool_down: Duration) -> Self {
+        self.circuit_breaker_cool_down = cool_down;
+        self
+    }
+
     /// Checks the settings and builds the layer.
     ///
     /// Does no I/O: a wrong key or an unreachable upstream show up on the first request (or
@@ -201,6 +254,26 @@ impl AccessTokenLayerBuilder {
         if self.gone_capacity == 0 {
             return Err(BuildError::new("gone_capacity", "must be at least 1"));
         }
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.max_concurrent_verifications) {
+            return Err(BuildError::new(
+                "max_concurrent_verifications",
+                format!(
+                    "must be at least 1, got {}",
+                    self.max_concurrent_verifications
+                ),
+            ));
+        }
+        if self.circuit_breaker_threshold == 0 {
+            return Err(BuildError::new(
+                "circuit_breaker_threshold",
+                "must be at least 1",
+            ));
+        }
+        check_duration(
+            "circuit_breaker_cool_down",
+            self.circuit_breaker_cool_down,
+            MAX_COOL_DOWN,
+        )?;
         let hasher = TokenHasher::for_process().map_err(|error| {
             BuildError::new(
                 "token hash key",
@@ -229,7 +302,20 @@ impl AccessTokenLayerBuilder {
             BuildError::new("HTTP client", "could not be created").with_source(error)
         })?;
 
-        let upstream = Upstream::new(client, verify_url, test_url, api_key, self.upstream_timeout);
+        let resilience = Resilience {
+            max_concurrent: self.max_concurrent_verifications,
+            retry: self.upstream_retry,
+            breaker_threshold: self.circuit_breaker_threshold,
+            breaker_cool_down: self.circuit_breaker_cool_down,
+        };
+        let upstream = Upstream::new(
+            client,
+            verify_url,
+            test_url,
+            api_key,
+            self.upstream_timeout,
+            resilience,
+        );
         let cache = VerdictCache::new(
             self.cache_ttl,
             self.cache_capacity,
@@ -349,6 +435,13 @@ impl fmt::Debug for AccessTokenLayerBuilder {
                 "upstream_proxy",
                 &self.upstream_proxy.as_ref().map(|_| "<set>"),
             )
+            .field(
+                "max_concurrent_verifications",
+                &self.max_concurrent_verifications,
+            )
+            .field("upstream_retry", &self.upstream_retry)
+            .field("circuit_breaker_threshold", &self.circuit_breaker_threshold)
+            .field("circuit_breaker_cool_down", &self.circuit_breaker_cool_down)
             .finish()
     }
 }
@@ -497,6 +590,21 @@ mod tests {
                 good().upstream_proxy("not a url"),
                 "upstream_proxy",
                 "not a valid proxy",
+            ),
+            (
+                good().max_concurrent_verifications(0),
+                "max_concurrent_verifications",
+                "at least 1",
+            ),
+            (
+                good().circuit_breaker_threshold(0),
+                "circuit_breaker_threshold",
+                "at least 1",
+            ),
+            (
+                good().circuit_breaker_cool_down(Duration::ZERO),
+                "circuit_breaker_cool_down",
+                "at least 1 ms",
             ),
         ];
         for (builder, setting, problem) in cases {

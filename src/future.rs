@@ -217,7 +217,7 @@ pub(crate) fn decide(
         }
         Err(error) => {
             tracing::warn!(token = %fingerprint, error = %error, "conneqt-guard: could not verify token");
-            Decision::Reject(Rejection::upstream_unavailable())
+            Decision::Reject(Rejection::upstream_unavailable(error.retry_after()))
         }
     }
 }

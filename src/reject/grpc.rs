@@ -71,7 +71,7 @@ mod tests {
     #[test]
     fn upstream_trouble_is_unavailable_and_key_trouble_is_internal() {
         assert_eq!(
-            render(&Rejection::upstream_unavailable()).headers()[GRPC_STATUS],
+            render(&Rejection::upstream_unavailable(None)).headers()[GRPC_STATUS],
             "14"
         );
         assert_eq!(

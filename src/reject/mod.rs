@@ -8,6 +8,8 @@
 pub(crate) mod grpc;
 pub(crate) mod problem;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -77,6 +79,8 @@ pub(crate) struct Rejection {
     /// For malformed tokens: what is wrong with the header (RFC 9457 extension member
     /// `invalidParameters`, in the vendor's shape).
     invalid_parameter: Option<&'static str>,
+    /// For 503s: when to try again, when known better than the default.
+    retry_after: Option<Duration>,
 }
 
 impl Rejection {
@@ -84,9 +88,11 @@ impl Rejection {
         match problem {
             TokenProblem::Missing => Self::new(RejectionReason::MissingToken, problem.reason()),
             _ => Self {
-                reason: RejectionReason::MalformedToken,
-                detail: "The Conneqt-Instant-Access-Token header is not valid.".into(),
                 invalid_parameter: Some(problem.reason()),
+                ..Self::new(
+                    RejectionReason::MalformedToken,
+                    "The Conneqt-Instant-Access-Token header is not valid.",
+                )
             },
         }
     }
@@ -110,11 +116,14 @@ impl Rejection {
         )
     }
 
-    pub(crate) fn upstream_unavailable() -> Self {
-        Self::new(
-            RejectionReason::UpstreamUnavailable,
-            "The access token could not be verified because Conneqt is unavailable. Try again shortly.",
-        )
+    pub(crate) fn upstream_unavailable(retry_after: Option<Duration>) -> Self {
+        Self {
+            retry_after,
+            ..Self::new(
+                RejectionReason::UpstreamUnavailable,
+                "The access token could not be verified because Conneqt is unavailable. Try again shortly.",
+            )
+        }
     }
 
     pub(crate) fn upstream_rejected_api_key() -> Self {
@@ -130,6 +139,7 @@ impl Rejection {
             reason,
             detail: detail.into(),
             invalid_parameter: None,
+            retry_after: None,
         }
     }
 

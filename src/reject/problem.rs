@@ -94,7 +94,14 @@ pub(crate) fn render(rejection: &Rejection) -> Response<Full<Bytes>> {
         headers.insert(WWW_AUTHENTICATE, CHALLENGE);
     }
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        // Whole seconds, rounded up, never 0.
+        let seconds = rejection
+            .retry_after
+            .map_or(RETRY_AFTER_SECS, |wait| {
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            })
+            .max(1);
+        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
     response
 }
@@ -147,9 +154,12 @@ mod tests {
 
     #[tokio::test]
     async fn unavailable_says_when_to_retry() {
-        let response = render(&Rejection::upstream_unavailable());
+        let response = render(&Rejection::upstream_unavailable(None));
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
+        let wait = Some(std::time::Duration::from_millis(4200));
+        let response = render(&Rejection::upstream_unavailable(wait));
+        assert_eq!(response.headers()[RETRY_AFTER], "5", "rounded up");
     }
 
     #[tokio::test]

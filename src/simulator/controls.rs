@@ -1,6 +1,7 @@
 //! The simulator's shared state and the test-facing controls on [`Simulator`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -23,6 +24,18 @@ pub(super) struct Shared {
     verify_calls: watch::Sender<usize>,
     /// `true` while verify requests must wait at the gate.
     paused: watch::Sender<bool>,
+    /// Verify requests being handled right now, and the most there ever were at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts one verify request as in flight until dropped (answered, or abandoned by the client).
+pub(super) struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +44,8 @@ struct State {
     valid_tokens: HashSet<Uuid>,
     latency: Duration,
     fault: Option<Fault>,
+    /// One-shot faults for the next verify requests, used before `fault`.
+    next_faults: VecDeque<Fault>,
     recorded: Vec<RecordedRequest>,
     /// Verify calls per `Conneqt-Instant-Access-Token` header value (lossily decoded).
     calls_per_token: HashMap<String, usize>,
@@ -44,7 +59,16 @@ impl Shared {
             state: Mutex::new(State::default()),
             verify_calls: watch::Sender::new(0),
             paused: watch::Sender::new(false),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Marks a verify request as in flight for as long as the returned guard lives.
+    pub(super) fn enter(&self) -> InFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(self)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -84,7 +108,11 @@ impl Shared {
     }
 
     pub(super) fn fault(&self) -> Option<Fault> {
-        self.state().fault.clone()
+        let mut state = self.state();
+        state
+            .next_faults
+            .pop_front()
+            .or_else(|| state.fault.clone())
     }
 }
 
@@ -139,9 +167,26 @@ impl Simulator {
         self.shared.state().fault = Some(fault);
     }
 
-    /// Removes the current fault: later verify requests are answered normally.
+    /// Applies `fault` to the next `n` verify requests only (counted when they look at faults,
+    /// after the pause gate and latency), ahead of any fault set with [`Self::set_fault`].
+    pub fn fail_next(&self, n: usize, fault: Fault) {
+        self.shared
+            .state()
+            .next_faults
+            .extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// The most verify requests that were being handled at the same moment so far.
+    pub fn max_concurrent_verify_calls(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Removes the current fault and any pending [`Self::fail_next`] faults: later verify
+    /// requests are answered normally.
     pub fn clear_fault(&self) {
-        self.shared.state().fault = None;
+        let mut state = self.shared.state();
+        state.fault = None;
+        state.next_faults.clear();
     }
 
     /// Closes the gate: verify requests are still counted and recorded on arrival, then wait

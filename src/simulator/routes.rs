@@ -97,6 +97,7 @@ async fn verify(State(shared): State<Arc<Shared>>, request: Request) -> Response
         token_key,
     );
 
+    let _in_flight = shared.enter();
     shared.pass_gate().await;
     let latency = shared.latency();
     if !latency.is_zero() {

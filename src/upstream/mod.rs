@@ -1,12 +1,21 @@
 //! Step 3: ask Conneqt's verify endpoint about a token.
 //!
 //! One `GET {base}{verify_path}` with the vendor's three headers and no body, under one
-//! deadline (`upstream_timeout`) that covers connecting, sending, and reading the answer.
-//! Turning the answer into a [`Verdict`] or an [`UpstreamError`] is the pure function
-//! [`classify`].
+//! deadline (`upstream_timeout`) that covers waiting for a slot, connecting, sending, reading
+//! the answer and, for a connection error or a 502/503/504, one retry after a short jittered
+//! pause if time remains. At most `max_concurrent_verifications` calls are in flight, and a
+//! [`CircuitBreaker`] fails calls fast while the upstream keeps failing. Turning an answer into
+//! a [`Verdict`] or an [`UpstreamError`] is the pure function [`classify`].
+
+mod breaker;
 
 use std::fmt;
-use std::time::Duration;
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+pub(crate) use breaker::CircuitBreaker;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
@@ -45,6 +54,19 @@ impl fmt::Debug for ApiKey {
     }
 }
 
+/// The pause before the one retry, before jitter (it is scaled by a random factor in
+/// 0.5..1.5 so that callers that failed together do not retry together).
+const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How hard the upstream may be pushed, and how failures are handled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Resilience {
+    pub(crate) max_concurrent: usize,
+    pub(crate) retry: bool,
+    pub(crate) breaker_threshold: u32,
+    pub(crate) breaker_cool_down: Duration,
+}
+
 /// The Conneqt endpoints we call, and the HTTP client (one connection pool) we call them with.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -53,6 +75,9 @@ pub(crate) struct Upstream {
     test_url: reqwest::Url,
     api_key: ApiKey,
     timeout: Duration,
+    limiter: Semaphore,
+    retry: bool,
+    breaker: CircuitBreaker,
 }
 
 /// Why the upstream gave no verdict. None of these is ever cached.
@@ -73,12 +98,33 @@ pub(crate) enum UpstreamError {
     UnexpectedStatus(u16),
     /// The verification task ended without an answer.
     Aborted,
+    /// No slot among `max_concurrent_verifications` came free before the deadline.
+    Overloaded,
+    /// The circuit breaker is open after repeated failures: not even tried.
+    CircuitOpen {
+        /// When the next probe may go through.
+        retry_after: Duration,
+    },
 }
 
 impl UpstreamError {
     /// True when the fault is our own configuration (the key), not the upstream's health.
     pub(crate) fn is_key_problem(&self) -> bool {
         matches!(self, Self::KeyRejected | Self::KeyNotAuthorised)
+    }
+
+    /// Worth one more try within the deadline: the request probably never reached a healthy
+    /// upstream. Never a documented verdict, never a timeout (the deadline is spent).
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Transport(_) | Self::ServerError(502..=504))
+    }
+
+    /// When the client may usefully try again, if known.
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::CircuitOpen { retry_after } => Some(*retry_after),
+            _ => None,
+        }
     }
 }
 
@@ -96,6 +142,13 @@ impl fmt::Display for UpstreamError {
                 write!(f, "the upstream answered with unexpected status {status}")
             }
             Self::Aborted => f.write_str("the verification task ended without an answer"),
+            Self::Overloaded => {
+                f.write_str("too many verifications in flight; no slot came free in time")
+            }
+            Self::CircuitOpen { retry_after } => write!(
+                f,
+                "the circuit breaker is open after repeated upstream failures (next probe in {retry_after:?})"
+            ),
         }
     }
 }
@@ -138,6 +191,7 @@ impl Upstream {
         test_url: reqwest::Url,
         api_key: ApiKey,
         timeout: Duration,
+        resilience: Resilience,
     ) -> Self {
         Self {
             client,
@@ -145,11 +199,66 @@ impl Upstream {
             test_url,
             api_key,
             timeout,
+            limiter: Semaphore::new(resilience.max_concurrent),
+            retry: resilience.retry,
+            breaker: CircuitBreaker::new(
+                resilience.breaker_threshold,
+                resilience.breaker_cool_down,
+            ),
         }
     }
 
-    /// Asks the upstream whether `token` is valid.
+    /// Asks the upstream whether `token` is valid, within the limits above.
     pub(crate) async fn verify(&self, token: &PresentedToken) -> Result<Verdict, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let admission = self
+            .breaker
+            .admit(Instant::now())
+            .map_err(|retry_after| UpstreamError::CircuitOpen { retry_after })?;
+        let result = self.verify_admitted(token, deadline).await;
+        let healthy = match &result {
+            Ok(_) => true,
+            Err(error) => error.is_key_problem(),
+        };
+        // Waiting for a slot says nothing about the upstream's health.
+        if !matches!(result, Err(UpstreamError::Overloaded)) {
+            self.breaker.record(admission, healthy, Instant::now());
+        }
+        result
+    }
+
+    async fn verify_admitted(
+        &self,
+        token: &PresentedToken,
+        deadline: tokio::time::Instant,
+    ) -> Result<Verdict, UpstreamError> {
+        let _slot = match tokio::time::timeout_at(deadline, self.limiter.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_closed)) => return Err(UpstreamError::Aborted),
+            Err(_elapsed) => return Err(UpstreamError::Overloaded),
+        };
+        let first = self.attempt(token, deadline).await;
+        match first {
+            Err(error) if self.retry && error.is_retryable() => {
+                let pause = jittered(RETRY_BACKOFF);
+                // Retry only if the pause leaves at least as long again for the call itself.
+                if deadline.saturating_duration_since(tokio::time::Instant::now()) < pause * 2 {
+                    return Err(error);
+                }
+                tracing::debug!(error = %error, "conneqt-guard: retrying the upstream call once");
+                tokio::time::sleep(pause).await;
+                self.attempt(token, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    /// One HTTP call, cut off at `deadline`.
+    async fn attempt(
+        &self,
+        token: &PresentedToken,
+        deadline: tokio::time::Instant,
+    ) -> Result<Verdict, UpstreamError> {
         let call = async {
             let response = self
                 .client
@@ -167,7 +276,7 @@ impl Upstream {
             };
             Ok::<_, reqwest::Error>(classify(status, &body, token.header_value().as_bytes()))
         };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => Err(UpstreamError::from(error)),
             Err(_elapsed) => Err(UpstreamError::Timeout),
@@ -194,6 +303,13 @@ impl Upstream {
         };
         KeyCheck::Failed(result)
     }
+}
+
+/// `base` scaled by a random factor in 0.5..1.5.
+fn jittered(base: Duration) -> Duration {
+    // A fresh RandomState is randomly seeded; hashing the time with it is a cheap random draw.
+    let draw = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    base.mul_f64(0.5 + (draw % 1000) as f64 / 1000.0)
 }
 
 async fn read_bounded(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Bytes> {
@@ -356,6 +472,32 @@ mod tests {
         assert!(!reasons[0].contains("ea4f820e"), "{}", reasons[0]);
         assert!(reasons[0].starts_with("AccessToken: [token] is unknown"));
         assert_eq!(reasons[0].chars().count(), MAX_REASON_LEN);
+    }
+
+    #[test]
+    fn only_transport_errors_and_gateway_statuses_are_retried() {
+        assert!(UpstreamError::Transport("reset".into()).is_retryable());
+        for status in [502, 503, 504] {
+            assert!(UpstreamError::ServerError(status).is_retryable());
+        }
+        for error in [
+            UpstreamError::ServerError(500),
+            UpstreamError::Timeout,
+            UpstreamError::KeyRejected,
+            UpstreamError::KeyNotAuthorised,
+            UpstreamError::UnexpectedStatus(204),
+            UpstreamError::Overloaded,
+        ] {
+            assert!(!error.is_retryable(), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_one_and_a_half() {
+        for _ in 0..100 {
+            let pause = jittered(Duration::from_millis(100));
+            assert!(pause >= Duration::from_millis(50) && pause < Duration::from_millis(150));
+        }
     }
 
     #[test]
