@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use crate::cache::VerdictCache;
+use crate::cache::{CacheSettings, VerdictCache};
 use crate::layer::{AccessTokenLayer, Shared};
 use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{ApiKey, Resilience, Upstream};
@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_CONCURRENT_VERIFICATIONS: usize = 64;
 pub const DEFAULT_CIRCUIT_BREAKER_THRESHOLD: u32 = 5;
 /// Default for [`AccessTokenLayerBuilder::circuit_breaker_cool_down`]: 5 seconds.
 pub const DEFAULT_CIRCUIT_BREAKER_COOL_DOWN: Duration = Duration::from_secs(5);
+/// Default for [`AccessTokenLayerBuilder::refresh_ahead_share`]: 0.8 of `cache_ttl`.
+pub const DEFAULT_REFRESH_AHEAD_SHARE: f64 = 0.8;
 /// The vendor's connection-check endpoint, relative to the base URL.
 pub(crate) const TEST_PATH: &str = "/api/v1/test";
 
@@ -58,6 +60,9 @@ const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 /// | [`gone_capacity`](Self::gone_capacity) | [`DEFAULT_GONE_CAPACITY`] |
 /// | [`accept_opaque_tokens`](Self::accept_opaque_tokens) | `false` (tokens must be UUIDs) |
 /// | [`upstream_proxy`](Self::upstream_proxy) | none (system proxy variables are ignored) |
+/// | [`refresh_ahead`](Self::refresh_ahead) | `true` |
+/// | [`refresh_ahead_share`](Self::refresh_ahead_share) | [`DEFAULT_REFRESH_AHEAD_SHARE`] (0.8) |
+/// | [`stale_if_error`](Self::stale_if_error) | off |
 /// | [`max_concurrent_verifications`](Self::max_concurrent_verifications) | [`DEFAULT_MAX_CONCURRENT_VERIFICATIONS`] (64) |
 /// | [`upstream_retry`](Self::upstream_retry) | `true` (one retry within `upstream_timeout`) |
 /// | [`circuit_breaker_threshold`](Self::circuit_breaker_threshold) | [`DEFAULT_CIRCUIT_BREAKER_THRESHOLD`] (5) |
@@ -96,6 +101,9 @@ pub struct AccessTokenLayerBuilder {
     upstream_proxy: Option<String>,
     max_concurrent_verifications: usize,
     upstream_retry: bool,
+    refresh_ahead: bool,
+    refresh_ahead_share: f64,
+    stale_if_error: Option<Duration>,
     circuit_breaker_threshold: u32,
     circuit_breaker_cool_down: Duration,
 }
@@ -115,6 +123,9 @@ impl Default for AccessTokenLayerBuilder {
             upstream_proxy: None,
             max_concurrent_verifications: DEFAULT_MAX_CONCURRENT_VERIFICATIONS,
             upstream_retry: true,
+            refresh_ahead: true,
+            refresh_ahead_share: DEFAULT_REFRESH_AHEAD_SHARE,
+            stale_if_error: None,
             circuit_breaker_threshold: DEFAULT_CIRCUIT_BREAKER_THRESHOLD,
             circuit_breaker_cool_down: DEFAULT_CIRCUIT_BREAKER_COOL_DOWN,
         }
@@ -195,6 +206,34 @@ impl AccessTokenLayerBuilder {
         self
     }
 
+    /// Whether a valid verdict that is used when older than
+    /// [`refresh_ahead_share`](Self::refresh_ahead_share) of `cache_ttl` is re-verified in the
+    /// background while the request is served from the cache (at most one refresh per token
+    /// at a time). A `410` from the refresh evicts the token, so its next request is turned
+    /// away. Result: a token in steady use never makes a request wait on the upstream after
+    /// its first verification.
+    pub fn refresh_ahead(mut self, enabled: bool) -> Self {
+        self.refresh_ahead = enabled;
+        self
+    }
+
+    /// The share of `cache_ttl` after which a used verdict is refreshed. Between 0 and 1,
+    /// exclusive.
+    pub fn refresh_ahead_share(mut self, share: f64) -> Self {
+        self.refresh_ahead_share = share;
+        self
+    }
+
+    /// **Opt-in.** When the upstream cannot give a verdict (timeout, refused, `5xx`,
+    /// undocumented status, circuit open; never on `400`, `401`, `403` or `410`), a token whose
+    /// valid verdict expired less than `grace` ago is still let through, and a warning is
+    /// logged. This trades revocation latency (a revoked token can pass for up to
+    /// `cache_ttl + grace` while the upstream is down) for availability. Between 1 ms and 7 days.
+    pub fn stale_if_error(mut self, grace: Duration) -> Self {
+        self.stale_if_error = Some(grace);
+        self
+    }
+
     /// The most upstream verify calls in flight at once, across all clones of the layer.
     /// Beyond it, verifications wait for a slot until their `upstream_timeout` deadline, then
     /// get `503`. Protects the upstream from a flood of distinct well-formed tokens. At least 1.
@@ -263,6 +302,18 @@ impl AccessTokenLayerBuilder {
                 ),
             ));
         }
+        if !(self.refresh_ahead_share > 0.0 && self.refresh_ahead_share < 1.0) {
+            return Err(BuildError::new(
+                "refresh_ahead_share",
+                format!(
+                    "must be between 0 and 1, exclusive, got {}",
+                    self.refresh_ahead_share
+                ),
+            ));
+        }
+        if let Some(grace) = self.stale_if_error {
+            check_duration("stale_if_error", grace, MAX_TTL)?;
+        }
         if self.circuit_breaker_threshold == 0 {
             return Err(BuildError::new(
                 "circuit_breaker_threshold",
@@ -316,12 +367,16 @@ impl AccessTokenLayerBuilder {
             self.upstream_timeout,
             resilience,
         );
-        let cache = VerdictCache::new(
-            self.cache_ttl,
-            self.cache_capacity,
-            self.gone_ttl,
-            self.gone_capacity,
-        );
+        let cache = VerdictCache::new(CacheSettings {
+            cache_ttl: self.cache_ttl,
+            valid_capacity: self.cache_capacity,
+            gone_ttl: self.gone_ttl,
+            gone_capacity: self.gone_capacity,
+            refresh_after: self
+                .refresh_ahead
+                .then(|| self.cache_ttl.mul_f64(self.refresh_ahead_share)),
+            stale_grace: self.stale_if_error,
+        });
         Ok(AccessTokenLayer::from_shared(Shared {
             token_format: self.token_format,
             hasher,
@@ -440,6 +495,9 @@ impl fmt::Debug for AccessTokenLayerBuilder {
                 &self.max_concurrent_verifications,
             )
             .field("upstream_retry", &self.upstream_retry)
+            .field("refresh_ahead", &self.refresh_ahead)
+            .field("refresh_ahead_share", &self.refresh_ahead_share)
+            .field("stale_if_error", &self.stale_if_error)
             .field("circuit_breaker_threshold", &self.circuit_breaker_threshold)
             .field("circuit_breaker_cool_down", &self.circuit_breaker_cool_down)
             .finish()
@@ -595,6 +653,21 @@ mod tests {
                 good().max_concurrent_verifications(0),
                 "max_concurrent_verifications",
                 "at least 1",
+            ),
+            (
+                good().refresh_ahead_share(1.0),
+                "refresh_ahead_share",
+                "between 0 and 1",
+            ),
+            (
+                good().refresh_ahead_share(f64::NAN),
+                "refresh_ahead_share",
+                "between 0 and 1",
+            ),
+            (
+                good().stale_if_error(Duration::ZERO),
+                "stale_if_error",
+                "at least 1 ms",
             ),
             (
                 good().circuit_breaker_threshold(0),

@@ -8,8 +8,10 @@
 //! This module does not know how a token is verified: it is handed the verify future.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
@@ -21,17 +23,74 @@ use crate::verdict::Verdict;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct VerificationAborted;
 
-/// How a lookup was answered, for logs.
+/// How a verdict was had, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CacheResult {
+    /// A fresh cached verdict.
     Hit,
+    /// A fresh cached valid verdict, old enough that a background refresh was started.
+    HitRefreshing,
+    /// Not cached: the upstream was asked (or this request waited for another's asking).
     Miss,
+    /// The upstream was unavailable and an expired valid verdict within the stale grace was
+    /// used instead.
+    Stale,
+}
+
+impl CacheResult {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::HitRefreshing => "refresh",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+/// The cache's settings, checked by the builder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CacheSettings {
+    pub(crate) cache_ttl: Duration,
+    pub(crate) valid_capacity: u64,
+    pub(crate) gone_ttl: Duration,
+    pub(crate) gone_capacity: u64,
+    /// Age of a valid verdict past which a use of it starts a background refresh.
+    pub(crate) refresh_after: Option<Duration>,
+    /// How long past `cache_ttl` a valid verdict may stand in for an unavailable upstream.
+    pub(crate) stale_grace: Option<Duration>,
+}
+
+/// A valid verdict, with what refresh-ahead needs to know about it.
+#[derive(Debug)]
+struct ValidEntry {
+    verified_at: Instant,
+    /// Set by the one request that starts a refresh; cleared if the refresh fails.
+    refreshing: AtomicBool,
+}
+
+impl ValidEntry {
+    fn now() -> Arc<Self> {
+        Arc::new(Self {
+            verified_at: Instant::now(),
+            refreshing: AtomicBool::new(false),
+        })
+    }
 }
 
 #[derive(Clone)]
 pub(crate) struct VerdictCache {
-    valid: Cache<TokenHash, ()>,
+    valid: Cache<TokenHash, Arc<ValidEntry>>,
     gone: Cache<TokenHash, ()>,
+    /// Valid verdicts kept `cache_ttl + stale_grace`, only when stale-if-error is on.
+    last_good: Option<Cache<TokenHash, ()>>,
+    refresh_after: Option<Duration>,
+}
+
+/// What a lookup found.
+enum Found {
+    Valid(Arc<ValidEntry>),
+    Gone,
 }
 
 /// Why the coalesced verification did not produce a valid entry. All waiters on one token
@@ -42,34 +101,83 @@ enum NotValid<E> {
 }
 
 impl VerdictCache {
-    pub(crate) fn new(
-        cache_ttl: Duration,
-        valid_capacity: u64,
-        gone_ttl: Duration,
-        gone_capacity: u64,
-    ) -> Self {
+    pub(crate) fn new(settings: CacheSettings) -> Self {
         Self {
             valid: Cache::builder()
                 .name("conneqt-guard-valid")
-                .max_capacity(valid_capacity)
-                .time_to_live(cache_ttl)
+                .max_capacity(settings.valid_capacity)
+                .time_to_live(settings.cache_ttl)
                 .build(),
             gone: Cache::builder()
                 .name("conneqt-guard-gone")
-                .max_capacity(gone_capacity)
-                .time_to_live(gone_ttl)
+                .max_capacity(settings.gone_capacity)
+                .time_to_live(settings.gone_ttl)
                 .build(),
+            last_good: settings.stale_grace.map(|grace| {
+                Cache::builder()
+                    .name("conneqt-guard-last-good")
+                    .max_capacity(settings.valid_capacity)
+                    .time_to_live(settings.cache_ttl + grace)
+                    .build()
+            }),
+            refresh_after: settings.refresh_after,
         }
     }
 
-    /// The cached verdict for `key`, if any.
-    pub(crate) async fn lookup(&self, key: &TokenHash) -> Option<Verdict> {
-        if self.valid.get(key).await.is_some() {
-            Some(Verdict::Valid)
+    async fn find(&self, key: &TokenHash) -> Option<Found> {
+        if let Some(entry) = self.valid.get(key).await {
+            Some(Found::Valid(entry))
         } else if self.gone.get(key).await.is_some() {
-            Some(Verdict::Gone)
+            Some(Found::Gone)
         } else {
             None
+        }
+    }
+
+    /// Turns what was found into a verdict, starting a background refresh (with the verify
+    /// future `make_verify` makes) when a valid verdict is old enough and nobody else is
+    /// refreshing it.
+    fn on_hit<M, F, E>(
+        &self,
+        key: TokenHash,
+        found: Found,
+        make_verify: M,
+    ) -> (Verdict, CacheResult)
+    where
+        M: FnOnce() -> F,
+        F: Future<Output = Result<Verdict, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let entry = match found {
+            Found::Gone => return (Verdict::Gone, CacheResult::Hit),
+            Found::Valid(entry) => entry,
+        };
+        let due = self
+            .refresh_after
+            .is_some_and(|after| entry.verified_at.elapsed() >= after);
+        if !due || entry.refreshing.swap(true, Ordering::AcqRel) {
+            return (Verdict::Valid, CacheResult::Hit);
+        }
+        let verify = make_verify();
+        let cache = self.clone();
+        tokio::spawn(async move {
+            match verify.await {
+                Ok(Verdict::Valid) => cache.remember_valid(key).await,
+                Ok(Verdict::Gone) => {
+                    cache.forget(&key).await;
+                    cache.gone.insert(key, ()).await;
+                }
+                // Keep serving the current verdict until it expires; a later use retries.
+                _ => entry.refreshing.store(false, Ordering::Release),
+            }
+        });
+        (Verdict::Valid, CacheResult::HitRefreshing)
+    }
+
+    async fn remember_valid(&self, key: TokenHash) {
+        self.valid.insert(key, ValidEntry::now()).await;
+        if let Some(last_good) = &self.last_good {
+            last_good.insert(key, ()).await;
         }
     }
 
@@ -77,12 +185,21 @@ impl VerdictCache {
     /// moka's `get` only waits when it must take its turn at housekeeping. `None` means "not
     /// known right now"; the caller then takes the asynchronous path, [`Self::get_or_verify`].
     ///
-    /// This lets a cache hit skip boxing a future and spawning nothing at all.
-    pub(crate) fn lookup_now(&self, key: &TokenHash) -> Option<Verdict> {
-        let lookup = std::pin::pin!(self.lookup(key));
+    /// This lets a cache hit skip boxing a future and spawning anything.
+    pub(crate) fn lookup_now<M, F, E>(
+        &self,
+        key: TokenHash,
+        make_verify: M,
+    ) -> Option<(Verdict, CacheResult)>
+    where
+        M: FnOnce() -> F,
+        F: Future<Output = Result<Verdict, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let find = std::pin::pin!(self.find(&key));
         let mut cx = Context::from_waker(Waker::noop());
-        match lookup.poll(&mut cx) {
-            Poll::Ready(verdict) => verdict,
+        match find.poll(&mut cx) {
+            Poll::Ready(found) => found.map(|found| self.on_hit(key, found, make_verify)),
             // Dropping the pending lookup is fine: a read has no effects to undo.
             Poll::Pending => None,
         }
@@ -104,17 +221,25 @@ impl VerdictCache {
         F: Future<Output = Result<Verdict, E>> + Send + 'static,
         E: Clone + From<VerificationAborted> + Send + Sync + 'static,
     {
-        if let Some(verdict) = self.lookup(&key).await {
-            return (Ok(verdict), CacheResult::Hit);
+        if let Some(found) = self.find(&key).await {
+            let (verdict, how) = self.on_hit(key, found, make_verify);
+            return (Ok(verdict), how);
         }
         let verify = make_verify();
-        let valid = self.valid.clone();
-        let gone = self.gone.clone();
+        let cache = self.clone();
         let task = tokio::spawn(async move {
-            valid
+            let gone = cache.gone.clone();
+            let last_good = cache.last_good.clone();
+            cache
+                .valid
                 .try_get_with(key, async move {
                     match verify.await {
-                        Ok(Verdict::Valid) => Ok(()),
+                        Ok(Verdict::Valid) => {
+                            if let Some(last_good) = last_good {
+                                last_good.insert(key, ()).await;
+                            }
+                            Ok(ValidEntry::now())
+                        }
                         Ok(Verdict::Gone) => {
                             gone.insert(key, ()).await;
                             Err(NotValid::Verdict(Verdict::Gone))
@@ -126,7 +251,7 @@ impl VerdictCache {
                 .await
         });
         let result = match task.await {
-            Ok(Ok(())) => Ok(Verdict::Valid),
+            Ok(Ok(_entry)) => Ok(Verdict::Valid),
             Ok(Err(shared)) => match &*shared {
                 NotValid::Verdict(verdict) => Ok(verdict.clone()),
                 NotValid::Failed(error) => Err(error.clone()),
@@ -136,9 +261,24 @@ impl VerdictCache {
         (result, CacheResult::Miss)
     }
 
+    /// Whether a valid verdict for `key` is within its stale grace (stale-if-error is on and
+    /// the token was valid less than `cache_ttl + stale_grace` ago).
+    pub(crate) fn has_last_good(&self, key: &TokenHash) -> bool {
+        self.last_good
+            .as_ref()
+            .is_some_and(|last_good| last_good.contains_key(key))
+    }
+
+    async fn forget(&self, key: &TokenHash) {
+        self.valid.invalidate(key).await;
+        if let Some(last_good) = &self.last_good {
+            last_good.invalidate(key).await;
+        }
+    }
+
     /// Forgets everything known about `key`.
     pub(crate) async fn invalidate(&self, key: &TokenHash) {
-        self.valid.invalidate(key).await;
+        self.forget(key).await;
         self.gone.invalidate(key).await;
     }
 
@@ -146,6 +286,9 @@ impl VerdictCache {
     pub(crate) fn invalidate_all(&self) {
         self.valid.invalidate_all();
         self.gone.invalidate_all();
+        if let Some(last_good) = &self.last_good {
+            last_good.invalidate_all();
+        }
     }
 }
 
@@ -162,8 +305,7 @@ impl std::fmt::Debug for VerdictCache {
 mod tests {
     use super::*;
     use crate::token::TokenHasher;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     #[derive(Clone, Debug, PartialEq)]
     enum TestError {
@@ -177,7 +319,23 @@ mod tests {
     }
 
     fn cache() -> VerdictCache {
-        VerdictCache::new(Duration::from_secs(60), 100, Duration::from_secs(60), 100)
+        VerdictCache::new(CacheSettings {
+            cache_ttl: Duration::from_secs(60),
+            valid_capacity: 100,
+            gone_ttl: Duration::from_secs(60),
+            gone_capacity: 100,
+            refresh_after: None,
+            stale_grace: None,
+        })
+    }
+
+    /// The verdict `lookup_now` finds, with a verify future that must not be needed.
+    fn now(cache: &VerdictCache, token: &str) -> Option<Verdict> {
+        cache
+            .lookup_now(key(token), || async {
+                Err::<Verdict, TestError>(TestError::Down)
+            })
+            .map(|(verdict, _)| verdict)
     }
 
     fn key(token: &str) -> TokenHash {
@@ -237,16 +395,16 @@ mod tests {
     #[tokio::test]
     async fn lookup_now_sees_what_lookup_sees() {
         let cache = cache();
-        assert_eq!(cache.lookup_now(&key("v")), None);
+        assert_eq!(now(&cache, "v"), None);
         let _ = cache
             .get_or_verify(key("v"), || async { Ok::<_, TestError>(Verdict::Valid) })
             .await;
         let _ = cache
             .get_or_verify(key("g"), || async { Ok::<_, TestError>(Verdict::Gone) })
             .await;
-        assert_eq!(cache.lookup_now(&key("v")), Some(Verdict::Valid));
-        assert_eq!(cache.lookup_now(&key("g")), Some(Verdict::Gone));
-        assert_eq!(cache.lookup_now(&key("other")), None);
+        assert_eq!(now(&cache, "v"), Some(Verdict::Valid));
+        assert_eq!(now(&cache, "g"), Some(Verdict::Gone));
+        assert_eq!(now(&cache, "other"), None);
     }
 
     #[tokio::test]
@@ -255,8 +413,8 @@ mod tests {
         let _ = cache
             .get_or_verify(key("t"), || async { Ok::<_, TestError>(Verdict::Valid) })
             .await;
-        assert_eq!(cache.lookup(&key("t")).await, Some(Verdict::Valid));
+        assert_eq!(now(&cache, "t"), Some(Verdict::Valid));
         cache.invalidate(&key("t")).await;
-        assert_eq!(cache.lookup(&key("t")).await, None);
+        assert_eq!(now(&cache, "t"), None);
     }
 }

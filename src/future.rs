@@ -25,7 +25,7 @@ use crate::cache::CacheResult;
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::token::PresentedToken;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Upstream, UpstreamError};
 use crate::verdict::{Verdict, VerifiedToken};
 
 /// What the check concluded.
@@ -169,16 +169,37 @@ where
     }
 }
 
+/// Step 3 for one token, as a future that owns what it needs, for the cache to run (on a miss)
+/// or spawn (to refresh ahead).
+pub(crate) fn verification(
+    upstream: &Arc<Upstream>,
+    presented: &PresentedToken,
+) -> impl Future<Output = Result<Verdict, UpstreamError>> + Send + 'static {
+    let upstream = upstream.clone();
+    let token = presented.clone();
+    async move { upstream.verify(&token).await }
+}
+
 /// Steps 2 to 4: the cache, the upstream on a miss, and the decision.
 async fn check(shared: Arc<Shared>, presented: PresentedToken) -> Decision {
+    let key = presented.hash();
     let (result, cache) = shared
         .cache
-        .get_or_verify(presented.hash(), || {
-            let upstream = shared.upstream.clone();
-            let token = presented.clone();
-            async move { upstream.verify(&token).await }
-        })
+        .get_or_verify(key, || verification(&shared.upstream, &presented))
         .await;
+    let (result, cache) = match result {
+        // Stale-if-error: only when the upstream could not answer, never on a verdict or on
+        // a problem with our own key.
+        Err(error) if !error.is_key_problem() && shared.cache.has_last_good(&key) => {
+            tracing::warn!(
+                token = %key.fingerprint(),
+                error = %error,
+                "conneqt-guard: upstream unavailable; using the token's expired valid verdict (stale_if_error)"
+            );
+            (Ok(Verdict::Valid), CacheResult::Stale)
+        }
+        other => (other, cache),
+    };
     decide(result, presented, cache)
 }
 
@@ -190,10 +211,7 @@ pub(crate) fn decide(
     cache: CacheResult,
 ) -> Decision {
     let fingerprint = presented.hash().fingerprint();
-    let cache = match cache {
-        CacheResult::Hit => "hit",
-        CacheResult::Miss => "miss",
-    };
+    let cache = cache.as_str();
     match result {
         Ok(Verdict::Valid) => {
             tracing::trace!(token = %fingerprint, cache, "conneqt-guard: token valid");

@@ -6,8 +6,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::cache::CacheResult;
-use crate::future::{Decision, ResponseFuture, decide};
+use crate::future::{Decision, ResponseFuture, decide, verification};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::token::{self, PresentedToken, TOKEN_HEADER};
@@ -76,8 +75,11 @@ where
 
         // 2. A cached verdict that can be had at once (the common case) needs no future of
         // our own: forward to the inner service, which is ready, or reject.
-        if let Some(verdict) = self.shared.cache.lookup_now(&presented.hash()) {
-            return match decide(Ok(verdict), presented, CacheResult::Hit) {
+        let cached = self.shared.cache.lookup_now(presented.hash(), || {
+            verification(&self.shared.upstream, &presented)
+        });
+        if let Some((verdict, how)) = cached {
+            return match decide(Ok(verdict), presented, how) {
                 Decision::Forward(token) => {
                     request.extensions_mut().insert(token);
                     ResponseFuture::forwarding(self.inner.call(request))

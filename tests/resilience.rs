@@ -114,38 +114,6 @@ async fn concurrent_verifications_never_exceed_the_bound() {
 }
 
 #[tokio::test]
-async fn a_verification_waiting_for_a_slot_past_its_deadline_gets_503() {
-    let h = Arc::new(
-        start_with(|b| {
-            b.max_concurrent_verifications(1)
-                .upstream_timeout(Duration::from_millis(300))
-        })
-        .await,
-    );
-    let first = h.simulator.issue_token();
-    let second = h.simulator.issue_token();
-    h.simulator.pause();
-
-    // The first verification holds the only slot at the paused simulator.
-    let holder = {
-        let h = h.clone();
-        tokio::spawn(async move { h.get(Some(&first)).await.status() })
-    };
-    h.simulator.wait_for_verify_calls(1).await;
-
-    problem(h.get(Some(&second)).await, 503).await;
-    assert_eq!(
-        h.simulator.verify_calls_for(&second),
-        0,
-        "never reached the upstream"
-    );
-    h.simulator.resume();
-    // The holder itself timed out at the paused simulator.
-    assert_eq!(holder.await.unwrap(), 503);
-    assert_eq!(h.inner_calls(), 0);
-}
-
-#[tokio::test]
 async fn an_open_circuit_fails_fast_but_cached_tokens_keep_working_then_a_probe_closes_it() {
     let h = start_with(|b| {
         b.circuit_breaker_threshold(3)
@@ -197,4 +165,150 @@ async fn a_failed_probe_reopens_the_circuit() {
     assert_eq!(h.upstream_calls(), 2, "the probe went through");
     problem(h.get(Some(&h.simulator.issue_token())).await, 503).await;
     assert_eq!(h.upstream_calls(), 2, "open again: no call");
+}
+
+/// Repeats `request` until it answers `status`, for outcomes that land in the background
+/// (a refresh's verdict). Bounded: fails after 2 s.
+async fn eventually(h: &support::Harness, token: &str, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if h.get(Some(token)).await.status() == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never answered {status}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+// Refresh-ahead and stale-if-error are about the age of verdicts, so these tests let
+// wall-clock time pass on purpose, with TTLs of a few hundred milliseconds and wide margins.
+
+#[tokio::test]
+async fn a_verdict_used_late_in_its_life_is_refreshed_in_the_background_without_making_the_request_wait()
+ {
+    // Refresh once a verdict is 600 ms old; verdicts live 1 s.
+    let h = start_with(|b| b.cache_ttl(Duration::from_secs(1)).refresh_ahead_share(0.6)).await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // The upstream is held: a request that waited on it could not complete.
+    h.simulator.pause();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    h.simulator.wait_for_verify_calls(2).await;
+    assert_eq!(
+        h.simulator.verify_calls_for(&token),
+        2,
+        "one refresh at a time"
+    );
+    h.simulator.resume();
+
+    // Past the first verdict's expiry (1 s), the refreshed one (about 400 ms old, so not yet
+    // due for its own refresh) is served without a new call.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(&h, &token, 200).await;
+    assert_eq!(h.simulator.verify_calls_for(&token), 2);
+    assert_eq!(h.inner_calls(), 4);
+}
+
+#[tokio::test]
+async fn a_410_from_a_refresh_evicts_the_token_and_the_next_request_is_turned_away() {
+    let h = start_with(|b| b.cache_ttl(Duration::from_secs(2)).refresh_ahead_share(0.1)).await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.simulator.revoke(&token);
+
+    assert_eq!(
+        h.get(Some(&token)).await.status(),
+        200,
+        "served while refreshing"
+    );
+    h.simulator.wait_for_verify_calls(2).await;
+    eventually(&h, &token, 410).await;
+    assert_eq!(h.simulator.verify_calls_for(&token), 2);
+}
+
+#[tokio::test]
+async fn without_refresh_ahead_an_old_verdict_is_not_refreshed() {
+    let h = start_with(|b| b.cache_ttl(Duration::from_secs(2)).refresh_ahead(false)).await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    assert_eq!(h.simulator.verify_calls_for(&token), 1);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_an_expired_valid_verdict_while_the_upstream_is_down() {
+    let h = start_with(|b| {
+        b.cache_ttl(Duration::from_millis(300))
+            .refresh_ahead(false)
+            .stale_if_error(Duration::from_secs(30))
+            .upstream_retry(false)
+    })
+    .await;
+    let token = h.simulator.issue_token();
+    let never_seen = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    h.simulator.set_fault(Fault::Status(500));
+    assert_eq!(
+        h.get(Some(&token)).await.status(),
+        200,
+        "stale verdict used"
+    );
+    assert_eq!(
+        h.simulator.verify_calls_for(&token),
+        2,
+        "the upstream was asked first"
+    );
+    problem(h.get(Some(&never_seen)).await, 503).await;
+    assert_eq!(h.inner_calls(), 2);
+}
+
+#[tokio::test]
+async fn stale_if_error_never_overrides_a_verdict_and_is_off_by_default() {
+    // Off by default: an expired verdict and a failing upstream give 503.
+    let h = start_with(|b| b.cache_ttl(Duration::from_millis(300)).refresh_ahead(false)).await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.simulator.set_fault(Fault::Status(500));
+    problem(h.get(Some(&token)).await, 503).await;
+
+    // On, but the upstream answers 410: the token is refused.
+    let h = start_with(|b| {
+        b.cache_ttl(Duration::from_millis(300))
+            .refresh_ahead(false)
+            .stale_if_error(Duration::from_secs(30))
+    })
+    .await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.simulator.revoke(&token);
+    problem(h.get(Some(&token)).await, 410).await;
+    assert_eq!(h.inner_calls(), 1);
+}
+
+#[tokio::test]
+async fn stale_if_error_ends_after_its_grace() {
+    let h = start_with(|b| {
+        b.cache_ttl(Duration::from_millis(200))
+            .refresh_ahead(false)
+            .stale_if_error(Duration::from_millis(200))
+            .upstream_retry(false)
+    })
+    .await;
+    let token = h.simulator.issue_token();
+    assert_eq!(h.get(Some(&token)).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.simulator.set_fault(Fault::Status(500));
+    problem(h.get(Some(&token)).await, 503).await;
 }

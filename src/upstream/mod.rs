@@ -500,6 +500,39 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_verification_that_gets_no_slot_before_its_deadline_is_overloaded() {
+        let upstream = Upstream::new(
+            reqwest::Client::builder().no_proxy().build().unwrap(),
+            // Never called: the only slot is held by the test.
+            "http://127.0.0.1:9/verify".parse().unwrap(),
+            "http://127.0.0.1:9/test".parse().unwrap(),
+            ApiKey::new(HeaderValue::from_static("key")),
+            Duration::from_millis(50),
+            Resilience {
+                max_concurrent: 1,
+                retry: true,
+                breaker_threshold: 1,
+                breaker_cool_down: Duration::from_secs(60),
+            },
+        );
+        let token = PresentedToken::new(
+            HeaderValue::from_static("ea4f820e-f352-4515-af73-630220045ef0"),
+            &crate::token::TokenHasher::for_process().unwrap(),
+        );
+        let held = upstream.limiter.acquire().await.unwrap();
+        assert_eq!(
+            upstream.verify(&token).await,
+            Err(UpstreamError::Overloaded)
+        );
+        // Waiting for a slot is not the upstream's fault: the breaker (threshold 1) is closed.
+        assert_eq!(
+            upstream.breaker.admit(Instant::now()),
+            Ok(breaker::Admission::Normal)
+        );
+        drop(held);
+    }
+
     #[test]
     fn api_key_debug_is_redacted() {
         let key = ApiKey::new(HeaderValue::from_static("secret-key-123"));
