@@ -359,6 +359,7 @@ impl AccessTokenLayerBuilder {
             breaker_threshold: self.circuit_breaker_threshold,
             breaker_cool_down: self.circuit_breaker_cool_down,
         };
+        crate::telemetry::describe();
         let upstream = Upstream::new(
             client,
             verify_url,

@@ -19,11 +19,13 @@ use http::{Request, Response};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::body::ResponseBody;
 use crate::cache::CacheResult;
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
+use crate::telemetry;
 use crate::token::PresentedToken;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::verdict::{Verdict, VerifiedToken};
@@ -177,11 +179,23 @@ pub(crate) fn verification(
 ) -> impl Future<Output = Result<Verdict, UpstreamError>> + Send + 'static {
     let upstream = upstream.clone();
     let token = presented.clone();
-    async move { upstream.verify(&token).await }
+    // The call runs in its own task; carry the request's span into it.
+    async move { upstream.verify(&token).await }.in_current_span()
 }
 
 /// Steps 2 to 4: the cache, the upstream on a miss, and the decision.
 async fn check(shared: Arc<Shared>, presented: PresentedToken) -> Decision {
+    let key = presented.hash();
+    let span = tracing::debug_span!(
+        "conneqt_guard.verify",
+        token = %key.fingerprint(),
+        cache = tracing::field::Empty,
+        upstream = tracing::field::Empty,
+    );
+    check_in(shared, presented).instrument(span).await
+}
+
+async fn check_in(shared: Arc<Shared>, presented: PresentedToken) -> Decision {
     let key = presented.hash();
     let (result, cache) = shared
         .cache
@@ -200,6 +214,7 @@ async fn check(shared: Arc<Shared>, presented: PresentedToken) -> Decision {
         }
         other => (other, cache),
     };
+    tracing::Span::current().record("cache", cache.as_str());
     decide(result, presented, cache)
 }
 
@@ -211,7 +226,21 @@ pub(crate) fn decide(
     cache: CacheResult,
 ) -> Decision {
     let fingerprint = presented.hash().fingerprint();
-    let cache = cache.as_str();
+    telemetry::cache(cache);
+    let decision = decide_quietly(result, presented, fingerprint, cache.as_str());
+    telemetry::request(match &decision {
+        Decision::Forward(_) => "forwarded",
+        Decision::Reject(rejection) => rejection.reason().as_str(),
+    });
+    decision
+}
+
+fn decide_quietly(
+    result: Result<Verdict, UpstreamError>,
+    presented: PresentedToken,
+    fingerprint: crate::token::Fingerprint,
+    cache: &'static str,
+) -> Decision {
     match result {
         Ok(Verdict::Valid) => {
             tracing::trace!(token = %fingerprint, cache, "conneqt-guard: token valid");

@@ -109,6 +109,7 @@ mod service;
 // The request's path, in order: token → cache → upstream → verdict → rejection.
 mod cache;
 mod reject;
+mod telemetry;
 mod token;
 mod upstream;
 mod verdict;

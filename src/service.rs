@@ -9,6 +9,7 @@ use tower_service::Service;
 use crate::future::{Decision, ResponseFuture, decide, verification};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
+use crate::telemetry;
 use crate::token::{self, PresentedToken, TOKEN_HEADER};
 
 /// Verifies each request's access token before calling the inner service.
@@ -62,9 +63,9 @@ where
             Ok(value) => value,
             Err(problem) => {
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
-                return ResponseFuture::rejected(
-                    Rejection::token_problem(problem).into_response(format),
-                );
+                let rejection = Rejection::token_problem(problem);
+                telemetry::request(rejection.reason().as_str());
+                return ResponseFuture::rejected(rejection.into_response(format));
             }
         };
         // Keep tracing and logging layers further in from printing it.

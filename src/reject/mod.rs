@@ -143,7 +143,6 @@ impl Rejection {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn reason(&self) -> RejectionReason {
         self.reason
     }

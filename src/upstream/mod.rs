@@ -7,13 +7,15 @@
 //! [`CircuitBreaker`] fails calls fast while the upstream keeps failing. Turning an answer into
 //! a [`Verdict`] or an [`UpstreamError`] is the pure function [`classify`].
 
-mod breaker;
+pub(crate) mod breaker;
 
 use std::fmt;
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+
+use crate::telemetry::{self, CallEnd};
 
 pub(crate) use breaker::CircuitBreaker;
 
@@ -211,10 +213,13 @@ impl Upstream {
     /// Asks the upstream whether `token` is valid, within the limits above.
     pub(crate) async fn verify(&self, token: &PresentedToken) -> Result<Verdict, UpstreamError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let admission = self
-            .breaker
-            .admit(Instant::now())
-            .map_err(|retry_after| UpstreamError::CircuitOpen { retry_after })?;
+        let admission = match self.breaker.admit(Instant::now()) {
+            Ok(admission) => admission,
+            Err(retry_after) => return Err(UpstreamError::CircuitOpen { retry_after }),
+        };
+        if admission == breaker::Admission::Probe {
+            telemetry::circuit(breaker::CircuitState::HalfOpen);
+        }
         let result = self.verify_admitted(token, deadline).await;
         let healthy = match &result {
             Ok(_) => true,
@@ -222,7 +227,7 @@ impl Upstream {
         };
         // Waiting for a slot says nothing about the upstream's health.
         if !matches!(result, Err(UpstreamError::Overloaded)) {
-            self.breaker.record(admission, healthy, Instant::now());
+            telemetry::circuit(self.breaker.record(admission, healthy, Instant::now()));
         }
         result
     }
@@ -237,6 +242,7 @@ impl Upstream {
             Ok(Err(_closed)) => return Err(UpstreamError::Aborted),
             Err(_elapsed) => return Err(UpstreamError::Overloaded),
         };
+        let _in_flight = telemetry::InFlight::enter();
         let first = self.attempt(token, deadline).await;
         match first {
             Err(error) if self.retry && error.is_retryable() => {
@@ -274,13 +280,21 @@ impl Upstream {
             } else {
                 Bytes::new()
             };
-            Ok::<_, reqwest::Error>(classify(status, &body, token.header_value().as_bytes()))
+            let answer = classify(status, &body, token.header_value().as_bytes());
+            Ok::<_, reqwest::Error>((status, answer))
         };
-        match tokio::time::timeout_at(deadline, call).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => Err(UpstreamError::from(error)),
-            Err(_elapsed) => Err(UpstreamError::Timeout),
-        }
+        let started = Instant::now();
+        let (end, answer) = match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok((status, answer))) => (CallEnd::Status(status), answer),
+            Ok(Err(error)) => match UpstreamError::from(error) {
+                UpstreamError::Timeout => (CallEnd::Timeout, Err(UpstreamError::Timeout)),
+                other => (CallEnd::Transport, Err(other)),
+            },
+            Err(_elapsed) => (CallEnd::Timeout, Err(UpstreamError::Timeout)),
+        };
+        telemetry::upstream_call(end, started.elapsed());
+        tracing::Span::current().record("upstream", end.label());
+        answer
     }
 
     /// Calls `GET /api/v1/test` with our key, which checks it without spending a token.
