@@ -107,15 +107,16 @@ mod builder;
 mod layer;
 mod service;
 // The request's path, in order: token → cache → upstream → verdict → rejection.
-mod cache;
-mod reject;
-mod telemetry;
 mod token;
+mod cache;
 mod upstream;
 mod verdict;
-// The plumbing that sequences them.
-pub mod body;
+mod reject;
+// What operators see of it.
+mod telemetry;
+// The plumbing that sequences the steps.
 pub mod future;
+pub mod body;
 
 #[cfg(feature = "simulator")]
 pub mod simulator;
