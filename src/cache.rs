@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
@@ -82,6 +81,10 @@ impl ValidEntry {
 pub(crate) struct VerdictCache {
     valid: Cache<TokenHash, Arc<ValidEntry>>,
     gone: Cache<TokenHash, ()>,
+    /// Valid verdicts younger than `refresh_after`, only when refresh-ahead is on: what the
+    /// synchronous fast path checks, so a hit on a verdict not yet due for refresh costs one
+    /// `contains_key`.
+    fresh: Option<Cache<TokenHash, ()>>,
     /// Valid verdicts kept `cache_ttl + stale_grace`, only when stale-if-error is on.
     last_good: Option<Cache<TokenHash, ()>>,
     refresh_after: Option<Duration>,
@@ -113,6 +116,13 @@ impl VerdictCache {
                 .max_capacity(settings.gone_capacity)
                 .time_to_live(settings.gone_ttl)
                 .build(),
+            fresh: settings.refresh_after.map(|after| {
+                Cache::builder()
+                    .name("conneqt-guard-fresh")
+                    .max_capacity(settings.valid_capacity)
+                    .time_to_live(after)
+                    .build()
+            }),
             last_good: settings.stale_grace.map(|grace| {
                 Cache::builder()
                     .name("conneqt-guard-last-good")
@@ -176,32 +186,38 @@ impl VerdictCache {
 
     async fn remember_valid(&self, key: TokenHash) {
         self.valid.insert(key, ValidEntry::now()).await;
+        self.remember_fresh(key).await;
+    }
+
+    /// The companions of a valid entry: the fresh marker and the stale-if-error copy.
+    async fn remember_fresh(&self, key: TokenHash) {
+        if let Some(fresh) = &self.fresh {
+            fresh.insert(key, ()).await;
+        }
         if let Some(last_good) = &self.last_good {
             last_good.insert(key, ()).await;
         }
     }
 
-    /// The cached verdict for `key` if it can be had without waiting, which is almost always:
-    /// moka's `get` only waits when it must take its turn at housekeeping. `None` means "not
-    /// known right now"; the caller then takes the asynchronous path, [`Self::get_or_verify`].
+    /// The verdict for `key` when it is cached and needs nothing else done: a valid verdict
+    /// not yet due for refresh, or a gone verdict. Synchronous and cheap (`contains_key`
+    /// lookups), so a cache hit needs no future of its own. `None` means "ask
+    /// [`Self::get_or_verify`]": not cached, or valid and due for a refresh.
     ///
-    /// This lets a cache hit skip boxing a future and spawning anything.
-    pub(crate) fn lookup_now<M, F, E>(
-        &self,
-        key: TokenHash,
-        make_verify: M,
-    ) -> Option<(Verdict, CacheResult)>
-    where
-        M: FnOnce() -> F,
-        F: Future<Output = Result<Verdict, E>> + Send + 'static,
-        E: Send + 'static,
-    {
-        let find = std::pin::pin!(self.find(&key));
-        let mut cx = Context::from_waker(Waker::noop());
-        match find.poll(&mut cx) {
-            Poll::Ready(found) => found.map(|found| self.on_hit(key, found, make_verify)),
-            // Dropping the pending lookup is fine: a read has no effects to undo.
-            Poll::Pending => None,
+    /// `contains_key` does not count as a read for moka's eviction policy, so under capacity
+    /// pressure valid tokens are evicted in about the order they were verified; refreshes
+    /// re-insert tokens in use.
+    pub(crate) fn lookup_now(&self, key: &TokenHash) -> Option<(Verdict, CacheResult)> {
+        let fresh = match &self.fresh {
+            Some(fresh) => fresh.contains_key(key),
+            None => self.valid.contains_key(key),
+        };
+        if fresh {
+            Some((Verdict::Valid, CacheResult::Hit))
+        } else if self.gone.contains_key(key) {
+            Some((Verdict::Gone, CacheResult::Hit))
+        } else {
+            None
         }
     }
 
@@ -228,20 +244,17 @@ impl VerdictCache {
         let verify = make_verify();
         let cache = self.clone();
         let task = tokio::spawn(async move {
-            let gone = cache.gone.clone();
-            let last_good = cache.last_good.clone();
+            let companions = cache.clone();
             cache
                 .valid
                 .try_get_with(key, async move {
                     match verify.await {
                         Ok(Verdict::Valid) => {
-                            if let Some(last_good) = last_good {
-                                last_good.insert(key, ()).await;
-                            }
+                            companions.remember_fresh(key).await;
                             Ok(ValidEntry::now())
                         }
                         Ok(Verdict::Gone) => {
-                            gone.insert(key, ()).await;
+                            companions.gone.insert(key, ()).await;
                             Err(NotValid::Verdict(Verdict::Gone))
                         }
                         Ok(other) => Err(NotValid::Verdict(other)),
@@ -271,6 +284,9 @@ impl VerdictCache {
 
     async fn forget(&self, key: &TokenHash) {
         self.valid.invalidate(key).await;
+        if let Some(fresh) = &self.fresh {
+            fresh.invalidate(key).await;
+        }
         if let Some(last_good) = &self.last_good {
             last_good.invalidate(key).await;
         }
@@ -286,6 +302,9 @@ impl VerdictCache {
     pub(crate) fn invalidate_all(&self) {
         self.valid.invalidate_all();
         self.gone.invalidate_all();
+        if let Some(fresh) = &self.fresh {
+            fresh.invalidate_all();
+        }
         if let Some(last_good) = &self.last_good {
             last_good.invalidate_all();
         }
@@ -329,13 +348,9 @@ mod tests {
         })
     }
 
-    /// The verdict `lookup_now` finds, with a verify future that must not be needed.
+    /// The verdict `lookup_now` finds.
     fn now(cache: &VerdictCache, token: &str) -> Option<Verdict> {
-        cache
-            .lookup_now(key(token), || async {
-                Err::<Verdict, TestError>(TestError::Down)
-            })
-            .map(|(verdict, _)| verdict)
+        cache.lookup_now(&key(token)).map(|(verdict, _)| verdict)
     }
 
     fn key(token: &str) -> TokenHash {

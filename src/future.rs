@@ -25,7 +25,7 @@ use crate::body::ResponseBody;
 use crate::cache::CacheResult;
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
-use crate::telemetry;
+use crate::telemetry::{self, Outcome};
 use crate::token::PresentedToken;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::verdict::{Verdict, VerifiedToken};
@@ -229,8 +229,8 @@ pub(crate) fn decide(
     telemetry::cache(cache);
     let decision = decide_quietly(result, presented, fingerprint, cache.as_str());
     telemetry::request(match &decision {
-        Decision::Forward(_) => "forwarded",
-        Decision::Reject(rejection) => rejection.reason().as_str(),
+        Decision::Forward(_) => Outcome::Forwarded,
+        Decision::Reject(rejection) => Outcome::Rejected(rejection.reason()),
     });
     decision
 }

@@ -6,10 +6,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::future::{Decision, ResponseFuture, decide, verification};
+use crate::future::{Decision, ResponseFuture, decide};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
-use crate::telemetry;
+use crate::telemetry::{self, Outcome};
 use crate::token::{self, PresentedToken, TOKEN_HEADER};
 
 /// Verifies each request's access token before calling the inner service.
@@ -64,7 +64,7 @@ where
             Err(problem) => {
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
                 let rejection = Rejection::token_problem(problem);
-                telemetry::request(rejection.reason().as_str());
+                telemetry::request(Outcome::Rejected(rejection.reason()));
                 return ResponseFuture::rejected(rejection.into_response(format));
             }
         };
@@ -76,10 +76,7 @@ where
 
         // 2. A cached verdict that can be had at once (the common case) needs no future of
         // our own: forward to the inner service, which is ready, or reject.
-        let cached = self.shared.cache.lookup_now(presented.hash(), || {
-            verification(&self.shared.upstream, &presented)
-        });
-        if let Some((verdict, how)) = cached {
+        if let Some((verdict, how)) = self.shared.cache.lookup_now(&presented.hash()) {
             return match decide(Ok(verdict), presented, how) {
                 Decision::Forward(token) => {
                     request.extensions_mut().insert(token);
