@@ -58,7 +58,9 @@ pin_project! {
     {
         Checking {
             check: Check,
-            pending: Option<(S, Request<ReqBody>)>,
+            // Boxed, like the check itself, so that the future stays small (and cheap to move)
+            // on the cache-hit path, which never builds this state.
+            pending: Option<Box<(S, Request<ReqBody>)>>,
             format: ResponseFormat,
         },
         Forwarding {
@@ -66,7 +68,7 @@ pin_project! {
             future: S::Future,
         },
         Rejected {
-            response: Option<Response<Full<Bytes>>>,
+            response: Option<Box<Response<Full<Bytes>>>>,
         },
     }
 }
@@ -85,7 +87,7 @@ where
         Self {
             state: State::Checking {
                 check: Box::pin(check(shared, presented)),
-                pending: Some((inner, request)),
+                pending: Some(Box::new((inner, request))),
                 format,
             },
         }
@@ -100,7 +102,7 @@ where
     pub(crate) fn rejected(response: Response<Full<Bytes>>) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -123,7 +125,7 @@ where
                 } => {
                     let decision = ready!(check.as_mut().poll(cx));
                     let format = *format;
-                    let (mut inner, mut request) = pending
+                    let (mut inner, mut request) = *pending
                         .take()
                         .expect("ResponseFuture polled after completion");
                     match decision {
@@ -135,7 +137,7 @@ where
                         Decision::Reject(rejection) => {
                             let response = rejection.into_response(format);
                             this.state.set(State::Rejected {
-                                response: Some(response),
+                                response: Some(Box::new(response)),
                             });
                         }
                     }
@@ -148,7 +150,7 @@ where
                     let response = response
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::rejection)));
                 }
             }
         }

@@ -55,9 +55,6 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // 0. Decide now how a rejection would be written: the request moves on below.
-        let format = ResponseFormat::of(&request);
-
         // 1. The token's form; junk is refused without touching the cache or the upstream.
         let value = match token::extract(request.headers(), self.shared.token_format) {
             Ok(value) => value,
@@ -65,6 +62,7 @@ where
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
                 let rejection = Rejection::token_problem(problem);
                 telemetry::request(Outcome::Rejected(rejection.reason()));
+                let format = ResponseFormat::of(&request);
                 return ResponseFuture::rejected(rejection.into_response(format));
             }
         };
@@ -83,6 +81,7 @@ where
                     ResponseFuture::forwarding(self.inner.call(request))
                 }
                 Decision::Reject(rejection) => {
+                    let format = ResponseFormat::of(&request);
                     ResponseFuture::rejected(rejection.into_response(format))
                 }
             };
@@ -94,7 +93,9 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
 
-        // 2-4. Cache, upstream and verdict, in the future.
+        // 2-4. Cache, upstream and verdict, in the future. How a rejection would be written is
+        // decided now, while the request is at hand.
+        let format = ResponseFormat::of(&request);
         ResponseFuture::checking(self.shared.clone(), presented, inner, request, format)
     }
 }

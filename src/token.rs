@@ -137,8 +137,17 @@ impl fmt::Debug for PresentedToken {
 
 /// The keyed BLAKE3 hash of a token: what the cache is keyed on, so the raw token is never
 /// stored there and a memory dump cannot be matched against a list of tokens.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TokenHash([u8; 32]);
+
+/// Feeds a hash table 64 bits of the (already uniformly random) keyed hash; see
+/// [`crate::cache`]'s pass-through hasher.
+impl std::hash::Hash for TokenHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+    }
+}
 
 impl TokenHash {
     pub(crate) fn fingerprint(&self) -> Fingerprint {
