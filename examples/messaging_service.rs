@@ -18,7 +18,8 @@
 //! ```
 //!
 //! Settings: `CONNEQT_BASE_URL`, `CONNEQT_API_KEY`, `ADDR` (listen address, default
-//! `127.0.0.1:3000`).
+//! `127.0.0.1:3000`), `METRICS_ADDR` (Prometheus metrics, default `127.0.0.1:9464`; the
+//! guard's metrics are listed in the README).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -115,11 +116,12 @@ async fn upstream() -> Result<Upstream, Box<dyn std::error::Error>> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,conneqt_guard=debug".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let once = std::env::args().any(|arg| arg == "--once");
+    serve_metrics();
     let upstream = upstream().await?;
 
     let guard = AccessTokenLayer::builder()
@@ -171,6 +173,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Publishes the guard's metrics (and any others) for Prometheus at `METRICS_ADDR`.
+fn serve_metrics() {
+    let addr = std::env::var("METRICS_ADDR").unwrap_or_else(|_| "127.0.0.1:9464".into());
+    let installed = addr
+        .parse::<SocketAddr>()
+        .map_err(|e| e.to_string())
+        .and_then(|addr| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| e.to_string())
+        });
+    match installed {
+        Ok(()) => println!("Metrics for Prometheus at http://{addr}/metrics"),
+        Err(error) => {
+            println!("Metrics not published ({error}); set METRICS_ADDR to another address")
+        }
+    }
+}
+
 /// Sends one request of each kind and prints what the guard made of it.
 async fn demonstrate(
     addr: SocketAddr,
@@ -200,11 +222,11 @@ async fn demonstrate(
         let text = response.text().await?;
         let summary = match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(json) if json.get("title").is_some() => {
-                format!(
-                    "{} ({})",
-                    json["title"].as_str().unwrap_or(""),
-                    json["detail"].as_str().unwrap_or("")
-                )
+                let why = json["invalidParameters"][0]["reason"]
+                    .as_str()
+                    .or(json["detail"].as_str())
+                    .unwrap_or("");
+                format!("{}: {why}", json["title"].as_str().unwrap_or(""))
             }
             _ => text,
         };
