@@ -106,9 +106,10 @@
 mod builder;
 mod layer;
 mod service;
-// The request's path, in order: token → cache → upstream → verdict → rejection.
+// The request's path, in order: skip → token → cache → upstream → verdict → rejection.
 mod cache;
 mod reject;
+mod skip;
 mod token;
 mod upstream;
 mod verdict;

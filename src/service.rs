@@ -10,7 +10,7 @@ use crate::cache::CacheResult;
 use crate::future::{Decision, ResponseFuture, decide};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
-use crate::token::{self, PresentedToken, TOKEN_HEADER};
+use crate::token::{self, PresentedToken};
 
 /// Verifies each request's access token before calling the inner service.
 ///
@@ -54,8 +54,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // 0. Decide now how a rejection would be written: the request moves on below.
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // 0. Requests a skip rule lets through go straight to the inner service, which is
+        // ready, without a `VerifiedToken`.
+        let (mut request, skipped) = self.shared.skip.check(request);
+        if let Some(rule) = skipped {
+            tracing::trace!(method = %request.method(), %rule, "conneqt-guard: request passed unverified (skip rule)");
+            token::conceal(request.headers_mut(), self.shared.strip_token_header);
+            return ResponseFuture::forwarding(self.inner.call(request));
+        }
+
+        // Decide now how a rejection would be written: the request moves on below.
         let format = ResponseFormat::of(&request);
 
         // 1. The token's form; junk is refused without touching the cache or the upstream.
@@ -68,11 +77,10 @@ where
                 );
             }
         };
-        // Keep tracing and logging layers further in from printing it.
-        if let Some(header) = request.headers_mut().get_mut(TOKEN_HEADER) {
-            header.set_sensitive(true);
-        }
         let presented = PresentedToken::new(value, &self.shared.hasher);
+        // The token now lives in `presented`: strip the header, or keep tracing and logging
+        // layers further in from printing it. Both the hit and the miss path forward this request.
+        token::conceal(request.headers_mut(), self.shared.strip_token_header);
 
         // 2. A cached verdict that can be had at once (the common case) needs no future of
         // our own: forward to the inner service, which is ready, or reject.
