@@ -75,6 +75,7 @@
 //!
 //! | situation | HTTP | gRPC | upstream called | your service runs |
 //! |---|---|---|---|---|
+//! | a skip rule matches ([`skip_path_prefix`](AccessTokenLayerBuilder::skip_path_prefix) and friends; none by default) | your response, no [`VerifiedToken`] | your response | no | yes |
 //! | no token | 401 + `WWW-Authenticate` | `UNAUTHENTICATED` | no | no |
 //! | empty, not a UUID, over 256 chars, bad characters, header twice | 400 with `invalidParameters` | `UNAUTHENTICATED` | no | no |
 //! | Conneqt says 200 | your response | your response | once per token per `cache_ttl` | yes |
