@@ -9,8 +9,11 @@ use http::HeaderValue;
 
 use crate::cache::{CacheSettings, VerdictCache};
 use crate::layer::{AccessTokenLayer, Shared};
+use crate::skip::{self, SkipRules};
 use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{ApiKey, Resilience, Upstream};
+
+mod env;
 
 /// Default for [`AccessTokenLayerBuilder::cache_ttl`]: 30 seconds.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -67,6 +70,10 @@ const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 /// | [`upstream_retry`](Self::upstream_retry) | `true` (one retry within `upstream_timeout`) |
 /// | [`circuit_breaker_threshold`](Self::circuit_breaker_threshold) | [`DEFAULT_CIRCUIT_BREAKER_THRESHOLD`] (5) |
 /// | [`circuit_breaker_cool_down`](Self::circuit_breaker_cool_down) | [`DEFAULT_CIRCUIT_BREAKER_COOL_DOWN`] (5 s) |
+/// | [`skip_path_prefix`](Self::skip_path_prefix), [`skip_if`](Self::skip_if), [`skip_grpc_health_checks`](Self::skip_grpc_health_checks), [`skip_cors_preflight`](Self::skip_cors_preflight) | nothing is skipped |
+/// | [`strip_token_header`](Self::strip_token_header) | `false` (the inner service sees the header) |
+///
+/// [`from_env`](Self::from_env) starts from `CONNEQT_*` environment variables instead.
 ///
 /// ```
 /// use std::time::Duration;
@@ -106,6 +113,10 @@ pub struct AccessTokenLayerBuilder {
     stale_if_error: Option<Duration>,
     circuit_breaker_threshold: u32,
     circuit_breaker_cool_down: Duration,
+    // Skip rules, credential stripping, and the first problem found by `from_env`.
+    skip: SkipRules,
+    strip_token_header: bool,
+    env_error: Option<BuildError>,
 }
 
 impl Default for AccessTokenLayerBuilder {
@@ -128,6 +139,9 @@ impl Default for AccessTokenLayerBuilder {
             stale_if_error: None,
             circuit_breaker_threshold: DEFAULT_CIRCUIT_BREAKER_THRESHOLD,
             circuit_breaker_cool_down: DEFAULT_CIRCUIT_BREAKER_COOL_DOWN,
+            skip: SkipRules::default(),
+            strip_token_header: false,
+            env_error: None,
         }
     }
 }
@@ -272,6 +286,9 @@ impl AccessTokenLayerBuilder {
     /// Does no I/O: a wrong key or an unreachable upstream show up on the first request (or
     /// earlier, if you call [`AccessTokenLayer::check_connection`]).
     pub fn build(self) -> Result<AccessTokenLayer, BuildError> {
+        if let Some(error) = self.env_error {
+            return Err(error);
+        }
         let base_url = self.base_url.as_deref().ok_or_else(|| {
             BuildError::new("base_url", "is required (e.g. https://int.conneqt.health)")
         })?;
@@ -325,6 +342,10 @@ impl AccessTokenLayerBuilder {
             self.circuit_breaker_cool_down,
             MAX_COOL_DOWN,
         )?;
+        for prefix in self.skip.prefixes() {
+            skip::check_prefix(prefix)
+                .map_err(|problem| BuildError::new("skip_path_prefix", problem))?;
+        }
         let hasher = TokenHasher::for_process().map_err(|error| {
             BuildError::new(
                 "token hash key",
@@ -383,7 +404,126 @@ impl AccessTokenLayerBuilder {
             hasher,
             cache,
             upstream: Arc::new(upstream),
+            skip: self.skip,
+            strip_token_header: self.strip_token_header,
         }))
+    }
+}
+
+/// Requests that pass unverified, and what the inner service sees.
+impl AccessTokenLayerBuilder {
+    /// Lets requests whose path starts with `prefix` through unverified, e.g. `/health`.
+    /// May be called several times; a request is skipped when any rule matches.
+    ///
+    /// The prefix matches whole path segments: `/health` skips `/health` and `/health/live` but
+    /// **not** `/healthcheck-admin`; a prefix ending in `/`, such as `/health/`, skips only what
+    /// is below it. The path is compared as the layer sees it (inside `Router::nest`, the
+    /// part below the nest point), byte for byte and without percent-decoding; a path with
+    /// `.` or `..` segments is never skipped. `build()` refuses a prefix that is empty, does
+    /// not start with `/`, is `/` alone, or contains spaces, `?`, `#`, `*` or dot segments.
+    ///
+    /// A skipped request reaches your service **without** a [`VerifiedToken`](crate::VerifiedToken),
+    /// even if it carries a token (which is not verified), and costs no upstream call: handlers
+    /// on skipped routes must not expect one (in axum, no `Extension<VerifiedToken>` there).
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use conneqt_guard::AccessTokenLayer;
+    /// # use axum::body::Body;
+    /// # use http::Request;
+    /// # use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = AccessTokenLayer::builder()
+    ///     .base_url("https://int.conneqt.health")
+    ///     .api_key("my-key")
+    ///     .skip_path_prefix("/health")
+    ///     .build()?;
+    /// let app = Router::new()
+    ///     .route("/health/live", get(|| async { "up" }))
+    ///     .route("/healthcheck-admin", get(|| async { "admin" }))
+    ///     .layer(guard);
+    ///
+    /// // Skipped: no token needed, and Conneqt is not asked.
+    /// let request = Request::get("/health/live").body(Body::empty())?;
+    /// assert_eq!(app.clone().oneshot(request).await?.status(), 200);
+    ///
+    /// // Not a whole-segment match: guarded as usual.
+    /// let request = Request::get("/healthcheck-admin").body(Body::empty())?;
+    /// assert_eq!(app.oneshot(request).await?.status(), 401);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn skip_path_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.skip.add_prefix(prefix.into());
+        self
+    }
+
+    /// Lets requests through unverified when `predicate` returns `true` for the request head
+    /// (method, URI, headers, extensions). May be called several times; a request is skipped
+    /// when any rule matches. Mind that clients control the method, path and headers: decide
+    /// on what an attacker cannot forge. Skipped requests carry no
+    /// [`VerifiedToken`](crate::VerifiedToken), as with [`skip_path_prefix`](Self::skip_path_prefix).
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use conneqt_guard::AccessTokenLayer;
+    /// use http::Method;
+    /// # use axum::body::Body;
+    /// # use http::Request;
+    /// # use tower::ServiceExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = AccessTokenLayer::builder()
+    ///     .base_url("https://int.conneqt.health")
+    ///     .api_key("my-key")
+    ///     .skip_if(|head| head.method == Method::GET && head.uri.path() == "/metrics")
+    ///     .build()?;
+    /// let app = Router::new()
+    ///     .route("/metrics", get(|| async { "# metrics" }).post(|| async { "reset" }))
+    ///     .layer(guard);
+    ///
+    /// let request = Request::get("/metrics").body(Body::empty())?;
+    /// assert_eq!(app.clone().oneshot(request).await?.status(), 200);
+    /// let request = Request::post("/metrics").body(Body::empty())?;
+    /// assert_eq!(app.oneshot(request).await?.status(), 401);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn skip_if<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.skip.add_predicate(Arc::new(predicate));
+        self
+    }
+
+    /// Lets the standard gRPC health service (`grpc.health.v1.Health`, as served by
+    /// `tonic-health`) through unverified, so load balancers and Kubernetes probes need no
+    /// token. The same as `skip_path_prefix("/grpc.health.v1.Health/")`.
+    pub fn skip_grpc_health_checks(self) -> Self {
+        self.skip_path_prefix(skip::GRPC_HEALTH_PREFIX)
+    }
+
+    /// Lets CORS preflight requests through unverified: `OPTIONS` with an
+    /// `Access-Control-Request-Method` header, which browsers send without custom headers, so
+    /// without the token. A plain `OPTIONS` without that header is still verified. Needed when
+    /// the CORS handling sits inside this layer; a `tower_http::cors::CorsLayer` added outside
+    /// it answers preflights itself.
+    pub fn skip_cors_preflight(mut self) -> Self {
+        self.skip.skip_cors_preflight();
+        self
+    }
+
+    /// Removes the `Conneqt-Instant-Access-Token` header before the inner service sees the
+    /// request (default `false`), so it cannot be logged or forwarded further in by accident.
+    /// Handlers still get the token as [`VerifiedToken::as_str`](crate::VerifiedToken::as_str).
+    /// Skipped requests lose the header too. When off, the header is kept and marked sensitive.
+    pub fn strip_token_header(mut self, strip: bool) -> Self {
+        self.strip_token_header = strip;
+        self
     }
 }
 
@@ -501,6 +641,9 @@ impl fmt::Debug for AccessTokenLayerBuilder {
             .field("stale_if_error", &self.stale_if_error)
             .field("circuit_breaker_threshold", &self.circuit_breaker_threshold)
             .field("circuit_breaker_cool_down", &self.circuit_breaker_cool_down)
+            .field("skip", &self.skip)
+            .field("strip_token_header", &self.strip_token_header)
+            .field("env_error", &self.env_error)
             .finish()
     }
 }
@@ -511,6 +654,8 @@ impl fmt::Debug for AccessTokenLayerBuilder {
 /// be secret, as the API key and proxy credentials are).
 pub struct BuildError {
     setting: &'static str,
+    /// Set when the value came from this environment variable (see `from_env`).
+    variable: Option<&'static str>,
     problem: String,
     source: Option<Box<dyn Error + Send + Sync>>,
 }
@@ -519,6 +664,7 @@ impl BuildError {
     fn new(setting: &'static str, problem: impl Into<String>) -> Self {
         Self {
             setting,
+            variable: None,
             problem: problem.into(),
             source: None,
         }
@@ -530,13 +676,29 @@ impl BuildError {
     }
 
     /// The name of the builder method whose value is wrong, e.g. `"base_url"`.
+    ///
+    /// For a bad environment variable, the setting it feeds (e.g. `"cache_ttl"` for
+    /// `CONNEQT_CACHE_TTL`); see [`environment_variable`](Self::environment_variable).
     pub fn setting(&self) -> &str {
         self.setting
+    }
+
+    /// The environment variable whose value is wrong, when the problem was found by
+    /// [`AccessTokenLayerBuilder::from_env`], e.g. `Some("CONNEQT_CACHE_TTL")`.
+    pub fn environment_variable(&self) -> Option<&str> {
+        self.variable
     }
 }
 
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(variable) = self.variable {
+            return write!(
+                f,
+                "conneqt-guard environment variable `{variable}`: {}",
+                self.problem
+            );
+        }
         write!(
             f,
             "conneqt-guard setting `{}` {}",
@@ -549,6 +711,7 @@ impl fmt::Debug for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BuildError")
             .field("setting", &self.setting)
+            .field("variable", &self.variable)
             .field("problem", &self.problem)
             .finish_non_exhaustive()
     }

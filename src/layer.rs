@@ -8,6 +8,7 @@ use tower_layer::Layer;
 use crate::builder::AccessTokenLayerBuilder;
 use crate::cache::VerdictCache;
 use crate::service::AccessTokenService;
+use crate::skip::SkipRules;
 use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{KeyCheck, Upstream, UpstreamError};
 
@@ -29,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) hasher: TokenHasher,
     pub(crate) cache: VerdictCache,
     pub(crate) upstream: Arc<Upstream>,
+    pub(crate) skip: SkipRules,
+    pub(crate) strip_token_header: bool,
 }
 
 impl AccessTokenLayer {

@@ -75,6 +75,7 @@
 //!
 //! | situation | HTTP | gRPC | upstream called | your service runs |
 //! |---|---|---|---|---|
+//! | a skip rule matches ([`skip_path_prefix`](AccessTokenLayerBuilder::skip_path_prefix) and friends; none by default) | your response, no [`VerifiedToken`] | your response | no | yes |
 //! | no token | 401 + `WWW-Authenticate` | `UNAUTHENTICATED` | no | no |
 //! | empty, not a UUID, over 256 chars, bad characters, header twice | 400 with `invalidParameters` | `UNAUTHENTICATED` | no | no |
 //! | Conneqt says 200 | your response | your response | once per token per `cache_ttl` | yes |
@@ -106,7 +107,8 @@
 mod builder;
 mod layer;
 mod service;
-// The request's path, in order: token → cache → upstream → verdict → rejection.
+// The request's path, in order: skip → token → cache → upstream → verdict → rejection.
+mod skip;
 mod token;
 mod cache;
 mod upstream;

@@ -10,7 +10,7 @@ use crate::future::{Decision, ResponseFuture, decide};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::telemetry::{self, Outcome};
-use crate::token::{self, PresentedToken, TOKEN_HEADER};
+use crate::token::{self, PresentedToken};
 
 /// Verifies each request's access token before calling the inner service.
 ///
@@ -54,7 +54,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // 0. Requests a skip rule lets through go straight to the inner service, which is
+        // ready, without a `VerifiedToken`.
+        let (mut request, skipped) = self.shared.skip.check(request);
+        if let Some(rule) = skipped {
+            tracing::trace!(method = %request.method(), %rule, "conneqt-guard: request passed unverified (skip rule)");
+            token::conceal(request.headers_mut(), self.shared.strip_token_header);
+            telemetry::request(Outcome::Skipped);
+            return ResponseFuture::forwarding(self.inner.call(request));
+        }
+
         // 1. The token's form; junk is refused without touching the cache or the upstream.
         let value = match token::extract(request.headers(), self.shared.token_format) {
             Ok(value) => value,
@@ -66,11 +76,10 @@ where
                 return ResponseFuture::rejected(rejection.into_response(format));
             }
         };
-        // Keep tracing and logging layers further in from printing it.
-        if let Some(header) = request.headers_mut().get_mut(TOKEN_HEADER) {
-            header.set_sensitive(true);
-        }
         let presented = PresentedToken::new(value, &self.shared.hasher);
+        // The token now lives in `presented`: strip the header, or keep tracing and logging
+        // layers further in from printing it. Both the hit and the miss path forward this request.
+        token::conceal(request.headers_mut(), self.shared.strip_token_header);
 
         // 2. A cached verdict that can be had at once (the common case) needs no future of
         // our own: forward to the inner service, which is ready, or reject.

@@ -57,11 +57,15 @@ pub(crate) fn describe() {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Forwarded,
+    Skipped,
     Rejected(RejectionReason),
 }
 
 pub(crate) fn request(outcome: Outcome) {
     let counter = match outcome {
+        Outcome::Skipped => {
+            metrics::counter!("conneqt_guard_requests_total", "outcome" => "skipped")
+        }
         Outcome::Forwarded => {
             metrics::counter!("conneqt_guard_requests_total", "outcome" => "forwarded")
         }

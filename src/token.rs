@@ -72,6 +72,18 @@ pub(crate) fn extract(
     Ok(value)
 }
 
+/// Keeps the token header from whatever runs further in: removes it when `strip` is set
+/// ([`strip_token_header`](crate::AccessTokenLayerBuilder::strip_token_header); the value
+/// already lives in [`PresentedToken`] by then), otherwise marks every value sensitive so
+/// tracing and logging layers do not print it.
+pub(crate) fn conceal(headers: &mut HeaderMap, strip: bool) {
+    if strip {
+        headers.remove(TOKEN_HEADER);
+    } else if let http::header::Entry::Occupied(mut entry) = headers.entry(TOKEN_HEADER) {
+        entry.iter_mut().for_each(|value| value.set_sensitive(true));
+    }
+}
+
 /// The syntax rules, as a pure function.
 pub(crate) fn check_form(token: &[u8], format: TokenFormat) -> Result<(), TokenProblem> {
     if token.is_empty() {
@@ -236,6 +248,25 @@ mod tests {
         let value = extract(&headers(&[GOOD.as_bytes()]), TokenFormat::Uuid).unwrap();
         assert_eq!(value.as_bytes(), GOOD.as_bytes());
         assert!(value.is_sensitive());
+    }
+
+    #[test]
+    fn concealing_strips_every_token_header_or_marks_each_sensitive() {
+        let mut map = headers(&[GOOD.as_bytes(), b"second"]);
+        map.insert("other", HeaderValue::from_static("kept"));
+        conceal(&mut map, false);
+        assert!(
+            map.get_all(TOKEN_HEADER)
+                .iter()
+                .all(HeaderValue::is_sensitive)
+        );
+        assert_eq!(map.get_all(TOKEN_HEADER).iter().count(), 2);
+        conceal(&mut map, true);
+        assert!(!map.contains_key(TOKEN_HEADER));
+        assert_eq!(map["other"], "kept");
+        let mut empty = HeaderMap::new();
+        conceal(&mut empty, false);
+        assert!(empty.is_empty());
     }
 
     #[test]

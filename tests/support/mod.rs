@@ -160,3 +160,100 @@ pub async fn problem(response: reqwest::Response, status: u16) -> serde_json::Va
     assert!(body["instance"].as_str().unwrap().starts_with("urn:uuid:"));
     body
 }
+
+/// What the catch-all probe handler saw (see [`serve_probe`]).
+#[derive(serde::Deserialize, serde::Serialize, Debug)]
+pub struct Probe {
+    pub method: String,
+    pub path: String,
+    /// `VerifiedToken::as_str()`, when the guard put one in the extensions.
+    pub verified_token: Option<String>,
+    /// The token header, as the handler received it.
+    pub token_header: Option<String>,
+}
+
+async fn probe(
+    State(calls): State<Arc<AtomicUsize>>,
+    request: axum::extract::Request,
+) -> Json<Probe> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let header = request.headers().get(TOKEN_HEADER);
+    Json(Probe {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        verified_token: request
+            .extensions()
+            .get::<VerifiedToken>()
+            .map(|token| token.as_str().to_owned()),
+        token_header: header.map(|v| v.to_str().unwrap().to_owned()),
+    })
+}
+
+/// Starts a guarded app whose inner service answers every method and path with a [`Probe`].
+pub async fn serve_probe(guard: AccessTokenLayer) -> App {
+    let inner_calls = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .fallback(probe)
+        .with_state(inner_calls.clone())
+        .layer(guard);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    App {
+        addr,
+        inner_calls,
+        server,
+    }
+}
+
+/// Simulator + probe app, with the builder adjusted by `configure`.
+pub async fn start_probe_with(
+    configure: impl FnOnce(AccessTokenLayerBuilder) -> AccessTokenLayerBuilder,
+) -> Harness {
+    let simulator = Arc::new(Simulator::start().await.expect("simulator starts"));
+    let guard = configure(builder_for(&simulator))
+        .build()
+        .expect("guard builds");
+    let app = serve_probe(guard.clone()).await;
+    Harness {
+        simulator,
+        guard,
+        app,
+        client: client(),
+    }
+}
+
+impl Harness {
+    /// `method path` with `headers`.
+    pub async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.client.request(method, self.app.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("the guarded app answers")
+    }
+}
+
+/// The status of `GET target` sent byte for byte over HTTP/1.1, for request targets that
+/// client libraries would normalise (such as `/a/../b`).
+pub async fn raw_get_status(addr: SocketAddr, target: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let status = response
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {response}"));
+    status.parse().unwrap()
+}
