@@ -17,19 +17,19 @@
 //! CONNEQT_BASE_URL=https://int.conneqt.health CONNEQT_API_KEY=... cargo run --example messaging_service
 //! ```
 //!
-//! Settings: `CONNEQT_BASE_URL`, `CONNEQT_API_KEY`, `ADDR` (listen address, default
+//! Settings: `CONNEQT_BASE_URL`, `CONNEQT_API_KEY` and the other `CONNEQT_*` variables in the
+//! README, `ADDR` (listen address, default
 //! `127.0.0.1:3000`), `METRICS_ADDR` (Prometheus metrics, default `127.0.0.1:9464`; the
 //! guard's metrics are listed in the README).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use conneqt_guard::simulator::Simulator;
-use conneqt_guard::{AccessTokenLayer, VerifiedToken};
+use conneqt_guard::{AccessTokenLayerBuilder, VerifiedToken};
 use serde::{Deserialize, Serialize};
 
 /// A message as stored and listed.
@@ -124,12 +124,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     serve_metrics();
     let upstream = upstream().await?;
 
-    let guard = AccessTokenLayer::builder()
+    // Every setting can come from the environment (`CONNEQT_CACHE_TTL=1m`, ...; see the
+    // README); the base URL and key are set here because the simulator may provide them.
+    let guard = AccessTokenLayerBuilder::from_env()
         .base_url(&upstream.base_url)
         .api_key(&upstream.api_key)
-        .cache_ttl(Duration::from_secs(30))
-        .gone_ttl(Duration::from_secs(600))
-        .upstream_timeout(Duration::from_secs(2))
+        .skip_path_prefix("/healthz")
         .build()?;
 
     let status = guard.check_connection().await;
@@ -140,6 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let app = Router::new()
         .route("/messages", get(list).post(send))
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(Store::default())
         .layer(guard);
 
