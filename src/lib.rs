@@ -99,7 +99,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `simulator` | off | [`simulator`]: an embedded Conneqt simulator for tests and demos |
+//! | `simulator` | off | the `simulator` module: an embedded Conneqt simulator for tests and demos |
 //!
 //! The verdict check runs on the tokio runtime your server already uses (a cache miss spawns
 //! a task so that a client hanging up cannot cancel a verification others wait on).
