@@ -66,7 +66,7 @@ async fn no_retry_is_made_when_the_deadline_leaves_no_time() {
     // The first attempt takes the simulator's latency (most of the deadline); no room remains.
     let h = start_with(|b| b.upstream_timeout(Duration::from_millis(400))).await;
     let token = h.simulator.issue_token();
-    h.simulator.set_latency(Duration::from_millis(350));
+    h.simulator.set_latency(Duration::from_millis(380));
     h.simulator.fail_next(1, Fault::Status(503));
 
     problem(h.get(Some(&token)).await, 503).await;
