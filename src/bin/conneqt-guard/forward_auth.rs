@@ -1,6 +1,7 @@
 //! `conneqt-guard forward-auth`: answers a proxy's auth sub-request. The guard wraps [`Allow`],
 //! which answers `200` with the token's fingerprint; [`ForwardAuth`] around the guard makes
-//! every rejection a plain HTTP status and labels it with `X-Conneqt-Guard-Status`.
+//! every rejection a plain HTTP status and labels it with `X-Conneqt-Guard-Status` and
+//! `X-Conneqt-Guard-Reason`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,8 @@ pub(crate) const FINGERPRINT_HEADER: HeaderName =
 /// The status the guard meant, on every rejection, for proxies that rewrite statuses (nginx
 /// turns anything but 2xx, 401 and 403 into 500).
 pub(crate) const STATUS_HEADER: HeaderName = HeaderName::from_static("x-conneqt-guard-status");
+/// Why, as [`RejectionReason::as_str`] (`missing_token`, `token_gone`, ...), on every rejection.
+pub(crate) const REASON_HEADER: HeaderName = HeaderName::from_static("x-conneqt-guard-reason");
 
 /// The service behind the guard: reached only with a verified token, so it says yes.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +49,7 @@ impl<B> Service<Request<B>> for Allow {
 }
 
 /// Wraps the guarded [`Allow`]: drops the sub-request's `Content-Type` before the guard sees
-/// it, and adds [`STATUS_HEADER`] to the guard's rejections.
+/// it, and adds [`STATUS_HEADER`] and [`REASON_HEADER`] to the guard's rejections.
 ///
 /// Without the first step a gRPC request's rejection would be a trailers-only gRPC status,
 /// which is HTTP `200`: every auth proxy would read that as "allow".
@@ -79,9 +82,11 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.await?;
-            if response.extensions().get::<RejectionReason>().is_some() {
+            if let Some(reason) = response.extensions().get::<RejectionReason>().copied() {
                 let status = HeaderValue::from(response.status().as_u16());
-                response.headers_mut().insert(STATUS_HEADER, status);
+                let headers = response.headers_mut();
+                headers.insert(STATUS_HEADER, status);
+                headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
             }
             Ok(response)
         })
