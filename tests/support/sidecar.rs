@@ -265,7 +265,7 @@ async fn slow(State(state): State<BackendState>) -> &'static str {
 /// Sends a first chunk at once and the second only after `release`.
 async fn stream(State(state): State<BackendState>) -> Response {
     state.calls.fetch_add(1, Ordering::SeqCst);
-    let release = state.release.clone();
+    let release = state.release;
     Body::new(TwoChunks {
         step: 0,
         wait: Box::pin(async move { release.notified().await }),

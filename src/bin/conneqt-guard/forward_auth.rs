@@ -39,10 +39,10 @@ impl<B> Service<Request<B>> for Allow {
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let mut response = Response::new(Empty::new());
-        if let Some(token) = request.extensions().get::<VerifiedToken>() {
-            if let Ok(value) = HeaderValue::from_str(&token.fingerprint().to_string()) {
-                response.headers_mut().insert(FINGERPRINT_HEADER, value);
-            }
+        if let Some(token) = request.extensions().get::<VerifiedToken>()
+            && let Ok(value) = HeaderValue::from_str(&token.fingerprint().to_string())
+        {
+            response.headers_mut().insert(FINGERPRINT_HEADER, value);
         }
         std::future::ready(Ok(response))
     }
