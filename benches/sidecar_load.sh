@@ -45,7 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a guard; waits for its token and its listening line.
+# Starts a guard (not in a subshell, so cleanup knows its pid) and waits until it listens.
 start_guard() { # mode listen admin extra...
   local mode=$1 listen=$2 admin=$3; shift 3
   RUST_LOG=warn "$GUARD" "$mode" --simulator --listen "$listen" --admin-listen "$admin" "$@" \
@@ -55,10 +55,12 @@ start_guard() { # mode listen admin extra...
     grep -q '^listening on' "$WORK/$mode.out" 2>/dev/null && break
     sleep 0.05
   done
-  grep '^simulator valid token: ' "$WORK/$mode.out" | cut -d' ' -f4
 }
-PROXY_TOKEN=$(start_guard proxy "$GUARD_PROXY" 127.0.0.1:19090 --backend "http://$BACKEND")
-AUTH_TOKEN=$(start_guard forward-auth "$GUARD_AUTH" 127.0.0.1:19091)
+token_of() { grep '^simulator valid token: ' "$WORK/$1.out" | cut -d' ' -f4; }
+start_guard proxy "$GUARD_PROXY" 127.0.0.1:19090 --backend "http://$BACKEND"
+start_guard forward-auth "$GUARD_AUTH" 127.0.0.1:19091
+PROXY_TOKEN=$(token_of proxy)
+AUTH_TOKEN=$(token_of forward-auth)
 
 sed -e "s/127.0.0.1:8000/$NGINX_AUTH/" -e "s/127.0.0.1:8081/$GUARD_AUTH/" \
     -e "s/127.0.0.1:3000/$BACKEND/" examples/forward-auth/nginx.conf >"$WORK/auth.conf"
