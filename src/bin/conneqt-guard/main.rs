@@ -1,0 +1,152 @@
+//! `conneqt-guard`: the sidecar. Verifies `Conneqt-Instant-Access-Token` headers for services
+//! that are not written in Rust, either as a reverse proxy in front of them or as the auth
+//! service of nginx `auth_request`, Traefik `ForwardAuth` or Envoy `ext_authz`.
+//!
+//! Run with
+//!
+//! ```text
+//! cargo run --bin conneqt-guard -- proxy --backend http://127.0.0.1:3000 --simulator
+//! cargo run --bin conneqt-guard -- forward-auth --base-url https://int.conneqt.health --api-key ...
+//! cargo run --bin conneqt-guard -- --help
+//! ```
+//!
+//! It prints `listening on ADDR` and `admin listening on ADDR` on stdout once it accepts
+//! connections, and `stopped accepting on ADDR` when a SIGTERM or SIGINT starts the graceful
+//! stop. A setting that is wrong makes it exit with status 1 and the library's `BuildError`
+//! message, which names the setting. Built only with the `sidecar` feature (on by default).
+
+mod admin;
+mod cli;
+mod forward_auth;
+mod proxy;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use conneqt_guard::simulator::Simulator;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cli::{Cli, Common, Mode};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let common = match &cli.mode {
+        Mode::Proxy(args) => &args.common,
+        Mode::ForwardAuth(args) => &args.common,
+    };
+    let (_simulator, guard) = guard(common).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
+
+    let (listen, name) = match &cli.mode {
+        Mode::Proxy(args) => (args.listen, "proxy"),
+        Mode::ForwardAuth(args) => (args.listen, "forward-auth"),
+    };
+    let admin_listener = bind(common.admin_listen, "--admin-listen").await?;
+    let listener = bind(listen, "--listen").await?;
+    let grace = common.shutdown_timeout.0;
+    let (stop, stopped) = watch::channel(false);
+
+    let admin = admin::Admin::new(guard.clone(), metrics);
+    let admin_task = tokio::spawn(server::serve(admin_listener, admin, stopped.clone(), grace));
+    let main_task = match &cli.mode {
+        Mode::Proxy(args) => {
+            let forwarder = proxy::Forwarder::new(&args.backend)?;
+            let service = tower_layer::Layer::layer(&guard, forwarder);
+            tokio::spawn(server::serve(listener, service, stopped, grace))
+        }
+        Mode::ForwardAuth(_) => {
+            let service = forward_auth::ForwardAuth::new(tower_layer::Layer::layer(
+                &guard,
+                forward_auth::Allow,
+            ));
+            tokio::spawn(server::serve(listener, service, stopped, grace))
+        }
+    };
+    tracing::info!(mode = name, "conneqt-guard started");
+
+    server::shutdown_signal().await;
+    tracing::info!("shutdown signal: finishing in-flight requests");
+    let _ = stop.send(true);
+    let finished = main_task.await.unwrap_or(false) & admin_task.await.unwrap_or(false);
+    if !finished {
+        tracing::warn!(
+            timeout = %common.shutdown_timeout,
+            "some requests were still in flight when --shutdown-timeout ran out"
+        );
+    }
+    Ok(())
+}
+
+/// Builds the guard from the settings, starting the simulator first with `--simulator`.
+async fn guard(
+    common: &Common,
+) -> Result<(Option<Simulator>, conneqt_guard::AccessTokenLayer), String> {
+    let mut builder = common.builder();
+    let simulator = if common.simulator {
+        let simulator = Simulator::start()
+            .await
+            .map_err(|error| format!("cannot start the simulator: {error}"))?;
+        let valid = simulator.issue_token();
+        let revoked = simulator.issue_token();
+        simulator.revoke(&revoked);
+        println!("simulator listening on {}", simulator.base_url());
+        println!("simulator valid token: {valid}");
+        println!("simulator revoked token: {revoked}");
+        builder = builder
+            .base_url(simulator.base_url())
+            .api_key(simulator.api_key());
+        Some(simulator)
+    } else {
+        None
+    };
+    let guard = builder.build().map_err(|error| error.to_string())?;
+    Ok((simulator, guard))
+}
+
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|error| format!("{flag} {addr}: cannot listen ({error})"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|error| format!("{flag} {addr}: {error}"))?;
+    let prefix = if flag == "--admin-listen" {
+        "admin "
+    } else {
+        ""
+    };
+    println!("{prefix}listening on {local}");
+    Ok(listener)
+}

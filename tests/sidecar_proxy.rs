@@ -1,0 +1,499 @@
+//! `conneqt-guard proxy`, the binary cargo built, in front of an axum (or tonic) backend in this
+//! process, verifying against the simulator in this process. Each test starts its own.
+
+mod support;
+#[path = "support/sidecar.rs"]
+mod sidecar;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use conneqt_guard::simulator::{Fault, Simulator};
+use sidecar::{Backend, Sidecar};
+use support::{TOKEN_HEADER, client, problem};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Server};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A simulator, a backend and the proxy in front of it.
+struct Setup {
+    sim: Simulator,
+    backend: Backend,
+    proxy: Sidecar,
+}
+
+async fn start(extra: &[&str]) -> Setup {
+    let sim = Simulator::start().await.unwrap();
+    let backend = Backend::start().await;
+    let proxy = start_proxy(&sim, &backend.url(), extra).await;
+    Setup {
+        sim,
+        backend,
+        proxy,
+    }
+}
+
+async fn start_proxy(sim: &Simulator, backend: &str, extra: &[&str]) -> Sidecar {
+    let base_url = sim.base_url();
+    let mut args = vec![
+        "proxy",
+        "--backend",
+        backend,
+        "--base-url",
+        &base_url,
+        "--api-key",
+        sim.api_key(),
+    ];
+    args.extend_from_slice(extra);
+    Sidecar::start(&args).await
+}
+
+#[tokio::test]
+async fn a_valid_token_passes_and_a_multi_megabyte_body_is_echoed_intact() {
+    let setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    let body: Vec<u8> = (0..8 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let response = client()
+        .post(setup.proxy.url("/echo"))
+        .header(TOKEN_HEADER, &token)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echoed = response.bytes().await.unwrap();
+    assert_eq!(echoed.len(), body.len());
+    assert!(echoed == body, "the echoed body differs");
+    assert_eq!(setup.backend.calls(), 1);
+    assert_eq!(setup.sim.verify_calls(), 1);
+
+    // A second request is a cache hit: no further upstream call.
+    let response = client()
+        .get(setup.proxy.url("/"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "hello from the backend");
+    assert_eq!(setup.backend.calls(), 2);
+    assert_eq!(setup.sim.verify_calls(), 1);
+}
+
+#[tokio::test]
+async fn each_rejection_is_the_guards_problem_json_and_the_backend_is_never_called() {
+    let setup = start(&[]).await;
+    let revoked = setup.sim.issue_token();
+    setup.sim.revoke(&revoked);
+    let unverifiable = setup.sim.issue_token();
+    // (token, status, problem type, upstream calls after this row)
+    let rows: [(Option<&str>, u16, &str, usize); 4] = [
+        (None, 401, "missing-token", 0),
+        (Some("not-a-uuid"), 400, "malformed-token", 0),
+        (Some(&revoked), 410, "token-gone", 1),
+        (Some(&unverifiable), 503, "upstream-unavailable", 2),
+    ];
+    for (token, status, kind, upstream_calls) in rows {
+        if status == 503 {
+            setup.sim.set_fault(Fault::Status(500));
+        }
+        let mut request = client().post(setup.proxy.url("/echo")).body("hello");
+        if let Some(token) = token {
+            request = request.header(TOKEN_HEADER, token);
+        }
+        let body = problem(request.send().await.unwrap(), status).await;
+        assert_eq!(
+            body["type"],
+            format!("tag:conneqt-guard,2026:{kind}"),
+            "{body}"
+        );
+        assert_eq!(setup.backend.calls(), 0, "backend called for {kind}");
+        assert_eq!(setup.sim.verify_calls(), upstream_calls, "for {kind}");
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_both_ways_and_x_forwarded_headers_added() {
+    let setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    let response = client()
+        .get(setup.proxy.url("/headers"))
+        .header(TOKEN_HEADER, &token)
+        .header("connection", "keep-alive, x-client-hop")
+        .header("x-client-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("te", "gzip")
+        .header("upgrade", "something")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("x-end-to-end", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    for dropped in ["x-backend-hop", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !headers.contains_key(dropped),
+            "{dropped} reached the client"
+        );
+    }
+    assert_eq!(headers["x-backend-end-to-end"], "1");
+
+    let seen: serde_json::Value = response.json().await.unwrap();
+    for dropped in [
+        "x-client-hop",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(
+            seen.get(dropped).is_none(),
+            "{dropped} reached the backend: {seen}"
+        );
+    }
+    assert_eq!(seen["x-end-to-end"][0], "kept");
+    assert_eq!(
+        seen[TOKEN_HEADER][0],
+        token.as_str(),
+        "the token is forwarded"
+    );
+    assert_eq!(seen["x-forwarded-for"][0], "10.0.0.1, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        seen["x-forwarded-host"][0],
+        setup.proxy.addr.to_string().as_str()
+    );
+    assert_eq!(seen["host"][0], setup.backend.addr.to_string().as_str());
+    assert_eq!(setup.backend.calls(), 1);
+}
+
+#[tokio::test]
+async fn backend_errors_pass_through_as_they_are() {
+    let setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    for code in [404_u16, 500, 503] {
+        let response = client()
+            .get(setup.proxy.url(&format!("/status/{code}")))
+            .header(TOKEN_HEADER, &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), code);
+        assert_eq!(
+            response.text().await.unwrap(),
+            format!("backend says {code}")
+        );
+    }
+    assert_eq!(setup.backend.calls(), 3);
+    assert_eq!(setup.sim.verify_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_backend_that_is_down_is_502_problem_json_that_does_not_name_it() {
+    let sim = Simulator::start().await.unwrap();
+    // A port that was free a moment ago: nothing listens there.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(&sim, &format!("http://{closed}"), &[]).await;
+    let token = sim.issue_token();
+    let response = client()
+        .get(proxy.url("/anything"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    let text = format!("{:?}", response.headers());
+    let body = problem(response, 502).await;
+    assert_eq!(body["type"], "tag:conneqt-guard,2026:backend-unavailable");
+    let shown = format!("{body}{text}");
+    assert!(
+        !shown.contains(&closed.port().to_string()) && !shown.contains("127.0.0.1"),
+        "{shown}"
+    );
+    assert_eq!(sim.verify_calls(), 1);
+}
+
+#[tokio::test]
+async fn response_bodies_stream_without_waiting_for_the_end() {
+    let setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    let mut response = client()
+        .get(setup.proxy.url("/stream"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The backend holds the second chunk back until released: the first arrives before.
+    let first = response.chunk().await.unwrap().expect("a first chunk");
+    assert_eq!(&first[..], b"first chunk;");
+    setup.backend.release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"second chunk");
+}
+
+#[tokio::test]
+async fn grpc_passes_through_h2c_with_a_valid_token_and_is_unauthenticated_without() {
+    let sim = Simulator::start().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let backend_calls = Arc::new(AtomicUsize::new(0));
+    let counter = backend_calls.clone();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        Server::builder()
+            .layer(tower::util::MapRequestLayer::new(
+                move |request: http::Request<tonic::body::Body>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    request
+                },
+            ))
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let proxy = start_proxy(&sim, &format!("http://{backend_addr}"), &[]).await;
+    let channel = Channel::from_shared(proxy.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+
+    let status = client
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(backend_calls.load(Ordering::SeqCst), 0);
+    assert_eq!(sim.verify_calls(), 0);
+
+    let token = sim.issue_token();
+    let mut request = tonic::Request::new(HealthCheckRequest::default());
+    request
+        .metadata_mut()
+        .insert(TOKEN_HEADER, token.parse().unwrap());
+    let answer = client.check(request).await.unwrap().into_inner();
+    assert_eq!(answer.status, ServingStatus::Serving as i32);
+    assert_eq!(backend_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(sim.verify_calls(), 1);
+    server.abort();
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
+    let mut setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    let request = client()
+        .get(setup.proxy.url("/slow"))
+        .header(TOKEN_HEADER, &token)
+        .send();
+    let in_flight = tokio::spawn(request);
+    setup.backend.entered.notified().await;
+
+    setup.proxy.terminate();
+    let addr = setup.proxy.addr;
+    setup.proxy.line_after("stopped accepting on ").await;
+    setup.proxy.line_after("stopped accepting on ").await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+
+    setup.backend.release.notify_one();
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "slow answer");
+    let status = setup.proxy.exit_status().await;
+    assert!(status.success(), "{status:?}: {}", setup.proxy.stderr());
+}
+
+#[tokio::test]
+async fn the_simulator_switch_needs_no_other_settings() {
+    let backend = Backend::start().await;
+    let backend_url = backend.url();
+    let mut proxy = Sidecar::spawn(&["proxy", "--backend", &backend_url, "--simulator"]);
+    let valid = proxy.line_after("simulator valid token: ").await;
+    let revoked = proxy.line_after("simulator revoked token: ").await;
+    let admin = proxy.line_after("admin listening on ").await;
+    let addr = proxy.line_after("listening on ").await;
+    proxy.admin = admin.parse().unwrap();
+    proxy.addr = addr.parse().unwrap();
+
+    let response = client()
+        .get(proxy.url("/"))
+        .header(TOKEN_HEADER, &valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.calls(), 1);
+    let response = client()
+        .get(proxy.url("/"))
+        .header(TOKEN_HEADER, &revoked)
+        .send()
+        .await
+        .unwrap();
+    problem(response, 410).await;
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    let setup = start(&[]).await;
+    let token = setup.sim.issue_token();
+    let admin = |path: &str| client().get(setup.proxy.admin_url(path)).send();
+    let health = admin("/healthz").await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = admin("/readyz").await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(setup.sim.verify_calls(), 0, "readiness spends no token");
+
+    let response = client()
+        .get(setup.proxy.url("/"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let metrics = admin("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("conneqt_guard_requests_total{outcome=\"forwarded\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&token));
+}
+
+#[tokio::test]
+async fn readiness_is_503_with_the_reason_when_conneqt_refuses_the_key() {
+    let sim = Simulator::start().await.unwrap();
+    let backend = Backend::start().await;
+    let (base_url, backend_url) = (sim.base_url(), backend.url());
+    let proxy = Sidecar::start(&[
+        "proxy",
+        "--backend",
+        &backend_url,
+        "--base-url",
+        &base_url,
+        "--api-key",
+        sim.unauthorised_api_key(),
+    ])
+    .await;
+    let ready = client()
+        .get(proxy.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let reason = ready.text().await.unwrap();
+    assert!(reason.contains("not authorised"), "{reason}");
+    assert!(!reason.contains(sim.unauthorised_api_key()));
+}
+
+#[tokio::test]
+async fn a_wrong_setting_exits_non_zero_with_the_library_message_naming_it() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--cache-ttl", "0s"], "`cache_ttl`"),
+        (&["--verify-path", "no-slash"], "`verify_path`"),
+        (
+            &["--max-concurrent-verifications", "0"],
+            "`max_concurrent_verifications`",
+        ),
+        (&["--cache-ttl", "30"], "no unit"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![
+            "proxy",
+            "--backend",
+            "http://127.0.0.1:9",
+            "--base-url",
+            "https://int.conneqt.health",
+            "--api-key",
+            "sekrit-key",
+        ];
+        args.extend_from_slice(extra);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_conneqt-guard"))
+            .args(&args)
+            .env_remove("CONNEQT_API_KEY")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("sekrit-key"), "{stderr}");
+    }
+    // A base URL without a scheme, and none at all.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conneqt-guard"))
+        .args([
+            "forward-auth",
+            "--api-key",
+            "k",
+            "--base-url",
+            "int.conneqt.health",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`base_url`"), "{stderr}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conneqt-guard"))
+        .args(["forward-auth", "--api-key", "k"])
+        .env_remove("CONNEQT_BASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`base_url` is required"), "{stderr}");
+}
+
+#[tokio::test]
+async fn help_documents_every_setting_and_its_default_and_never_shows_the_api_key() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conneqt-guard"))
+        .args(["proxy", "--help"])
+        .env("CONNEQT_API_KEY", "sekrit-key-from-env")
+        .env("CONNEQT_UPSTREAM_PROXY", "http://user:sekrit-pw@proxy")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "--backend",
+        "--base-url",
+        "CONNEQT_BASE_URL",
+        "--api-key",
+        "CONNEQT_API_KEY",
+        "--cache-ttl",
+        "[default: 30s]",
+        "--gone-ttl",
+        "[default: 10m]",
+        "--upstream-timeout",
+        "[default: 2s]",
+        "--verify-path",
+        "[default: /api/v1/messages/instant/access/token/verify]",
+        "--max-concurrent-verifications",
+        "[default: 64]",
+        "--stale-if-error",
+        "--listen",
+        "[default: 127.0.0.1:8080]",
+        "--admin-listen",
+        "[default: 127.0.0.1:9090]",
+        "--shutdown-timeout",
+        "[default: 10s]",
+        "--simulator",
+    ] {
+        assert!(help.contains(expected), "{expected} missing in:\n{help}");
+    }
+    assert!(!help.contains("sekrit"), "{help}");
+}
