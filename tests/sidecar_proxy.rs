@@ -497,3 +497,43 @@ async fn help_documents_every_setting_and_its_default_and_never_shows_the_api_ke
     }
     assert!(!help.contains("sekrit"), "{help}");
 }
+
+#[tokio::test]
+async fn strip_and_skip_flags_reach_the_layer() {
+    let setup = start(&[
+        "--strip-token-header",
+        "--skip-path-prefix",
+        "/status,/other",
+    ])
+    .await;
+    let token = setup.sim.issue_token();
+
+    // Stripped: the backend never sees the token.
+    let response = client()
+        .get(setup.proxy.url("/headers"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: serde_json::Value = response.json().await.unwrap();
+    assert!(seen.get(TOKEN_HEADER).is_none(), "{seen}");
+
+    // Skipped: no token needed, no upstream call.
+    let calls = setup.sim.verify_calls();
+    let response = client()
+        .get(setup.proxy.url("/status/200"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(setup.sim.verify_calls(), calls);
+    // Not skipped: still guarded.
+    let response = client()
+        .get(setup.proxy.url("/headers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(setup.backend.calls(), 2);
+}

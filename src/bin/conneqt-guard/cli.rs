@@ -102,6 +102,17 @@ pub(crate) struct Common {
     /// Accept any 1-256 visible-ASCII token instead of only UUIDs.
     #[arg(long, env = "CONNEQT_ACCEPT_OPAQUE_TOKENS")]
     pub(crate) accept_opaque_tokens: bool,
+    /// Proxy mode: remove the token header before forwarding, so the backend never sees it.
+    #[arg(long, env = "CONNEQT_STRIP_TOKEN_HEADER")]
+    pub(crate) strip_token_header: bool,
+    /// Requests whose path starts with this prefix (on whole segments) pass unverified, e.g.
+    /// `/healthz`. Repeat the flag, or separate prefixes with commas [default: none].
+    #[arg(
+        long = "skip-path-prefix",
+        env = "CONNEQT_SKIP_PATH_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub(crate) skip_path_prefixes: Vec<String>,
     /// An HTTP(S) proxy for upstream calls [default: none; HTTP_PROXY is ignored]. May hold
     /// credentials, so its value is never printed.
     #[arg(long, env = "CONNEQT_UPSTREAM_PROXY", hide_env_values = true)]
@@ -142,7 +153,11 @@ impl Common {
             .gone_capacity(self.gone_capacity)
             .accept_opaque_tokens(self.accept_opaque_tokens)
             .circuit_breaker_threshold(self.circuit_breaker_threshold)
-            .circuit_breaker_cool_down(self.circuit_breaker_cool_down.0);
+            .circuit_breaker_cool_down(self.circuit_breaker_cool_down.0)
+            .strip_token_header(self.strip_token_header);
+        for prefix in &self.skip_path_prefixes {
+            builder = builder.skip_path_prefix(prefix.trim());
+        }
         if let Some(url) = &self.base_url {
             builder = builder.base_url(url);
         }
