@@ -81,6 +81,11 @@ pub async fn serve(guard: AccessTokenLayer) -> App {
         .with_state(inner_calls.clone())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(guard);
+    spawn_app(app, inner_calls).await
+}
+
+/// Serves `app` on 127.0.0.1:0 until the returned [`App`] is dropped.
+async fn spawn_app(app: Router, inner_calls: Arc<AtomicUsize>) -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -196,16 +201,7 @@ pub async fn serve_probe(guard: AccessTokenLayer) -> App {
         .fallback(probe)
         .with_state(inner_calls.clone())
         .layer(guard);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    App {
-        addr,
-        inner_calls,
-        server,
-    }
+    spawn_app(app, inner_calls).await
 }
 
 /// Simulator + probe app, with the builder adjusted by `configure`.
