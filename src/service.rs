@@ -66,7 +66,14 @@ where
         }
 
         // 1. The token's form; junk is refused without touching the cache or the upstream.
-        let value = match token::extract(request.headers(), self.shared.token_format) {
+        // The header is concealed (stripped or marked sensitive) as the token is taken, so
+        // neither the hit nor the miss path forwards it in the clear.
+        let extracted = token::extract(
+            request.headers_mut(),
+            self.shared.token_format,
+            self.shared.strip_token_header,
+        );
+        let value = match extracted {
             Ok(value) => value,
             Err(problem) => {
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
@@ -77,9 +84,6 @@ where
             }
         };
         let presented = PresentedToken::new(value, &self.shared.hasher);
-        // The token now lives in `presented`: strip the header, or keep tracing and logging
-        // layers further in from printing it. Both the hit and the miss path forward this request.
-        token::conceal(request.headers_mut(), self.shared.strip_token_header);
 
         // 2. A cached verdict that can be had at once (the common case) needs no future of
         // our own: forward to the inner service, which is ready, or reject.

@@ -56,19 +56,28 @@ impl TokenProblem {
     }
 }
 
-/// Finds exactly one token in `headers` and checks its form.
+/// Finds exactly one token in `headers`, checks its form, and, once it is taken, conceals the
+/// header as [`conceal`] does (stripped when `strip`, else marked sensitive), all in one
+/// lookup of the header map: this runs on every guarded request.
 pub(crate) fn extract(
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
     format: TokenFormat,
+    strip: bool,
 ) -> Result<HeaderValue, TokenProblem> {
-    let mut values = headers.get_all(&TOKEN_HEADER).iter();
-    let value = values.next().ok_or(TokenProblem::Missing)?;
-    if values.next().is_some() {
+    let http::header::Entry::Occupied(mut entry) = headers.entry(TOKEN_HEADER) else {
+        return Err(TokenProblem::Missing);
+    };
+    if entry.iter().nth(1).is_some() {
         return Err(TokenProblem::Duplicated);
     }
-    check_form(value.as_bytes(), format)?;
-    let mut value = value.clone();
+    check_form(entry.get().as_bytes(), format)?;
+    let mut value = entry.get().clone();
     value.set_sensitive(true);
+    if strip {
+        entry.remove();
+    } else {
+        entry.get_mut().set_sensitive(true);
+    }
     Ok(value)
 }
 
@@ -245,7 +254,7 @@ mod tests {
 
     #[test]
     fn one_uuid_token_is_extracted_and_marked_sensitive() {
-        let value = extract(&headers(&[GOOD.as_bytes()]), TokenFormat::Uuid).unwrap();
+        let value = extract(&mut headers(&[GOOD.as_bytes()]), TokenFormat::Uuid, false).unwrap();
         assert_eq!(value.as_bytes(), GOOD.as_bytes());
         assert!(value.is_sensitive());
     }
@@ -280,16 +289,16 @@ mod tests {
     #[test]
     fn missing_header_is_missing() {
         assert_eq!(
-            extract(&HeaderMap::new(), TokenFormat::Uuid),
+            extract(&mut HeaderMap::new(), TokenFormat::Uuid, false),
             Err(TokenProblem::Missing)
         );
     }
 
     #[test]
     fn two_headers_are_refused_even_when_both_are_good() {
-        let map = headers(&[GOOD.as_bytes(), GOOD.as_bytes()]);
+        let mut map = headers(&[GOOD.as_bytes(), GOOD.as_bytes()]);
         assert_eq!(
-            extract(&map, TokenFormat::Uuid),
+            extract(&mut map, TokenFormat::Uuid, false),
             Err(TokenProblem::Duplicated)
         );
     }

@@ -114,11 +114,27 @@ pub async fn start() -> Harness {
 pub async fn start_with(
     configure: impl FnOnce(AccessTokenLayerBuilder) -> AccessTokenLayerBuilder,
 ) -> Harness {
+    harness(configure, Inner::Messages).await
+}
+
+/// Which inner service a [`Harness`] guards.
+enum Inner {
+    Messages,
+    Probe,
+}
+
+async fn harness(
+    configure: impl FnOnce(AccessTokenLayerBuilder) -> AccessTokenLayerBuilder,
+    inner: Inner,
+) -> Harness {
     let simulator = Arc::new(Simulator::start().await.expect("simulator starts"));
     let guard = configure(builder_for(&simulator))
         .build()
         .expect("guard builds");
-    let app = serve(guard.clone()).await;
+    let app = match inner {
+        Inner::Messages => serve(guard.clone()).await,
+        Inner::Probe => serve_probe(guard.clone()).await,
+    };
     Harness {
         simulator,
         guard,
@@ -208,17 +224,7 @@ pub async fn serve_probe(guard: AccessTokenLayer) -> App {
 pub async fn start_probe_with(
     configure: impl FnOnce(AccessTokenLayerBuilder) -> AccessTokenLayerBuilder,
 ) -> Harness {
-    let simulator = Arc::new(Simulator::start().await.expect("simulator starts"));
-    let guard = configure(builder_for(&simulator))
-        .build()
-        .expect("guard builds");
-    let app = serve_probe(guard.clone()).await;
-    Harness {
-        simulator,
-        guard,
-        app,
-        client: client(),
-    }
+    harness(configure, Inner::Probe).await
 }
 
 impl Harness {
