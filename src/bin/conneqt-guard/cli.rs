@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -131,6 +132,10 @@ pub(crate) struct Common {
         default_value = "127.0.0.1:9090"
     )]
     pub(crate) admin_listen: SocketAddr,
+    /// Threads serving connections, each with its own event loop (a connection stays on the
+    /// thread that accepted it) [default: one per CPU].
+    #[arg(long, env = "CONNEQT_GUARD_WORKERS")]
+    pub(crate) workers: Option<NonZeroUsize>,
     /// After SIGTERM or SIGINT: how long in-flight requests may take to finish.
     #[arg(long, env = "CONNEQT_GUARD_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(Duration::from_secs(10)))]
     pub(crate) shutdown_timeout: HumanDuration,
@@ -141,6 +146,12 @@ pub(crate) struct Common {
 }
 
 impl Common {
+    /// `--workers`, or one per CPU.
+    pub(crate) fn workers(&self) -> NonZeroUsize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+    }
+
     /// The library builder with every setting applied; `build()` then checks them all.
     pub(crate) fn builder(&self) -> AccessTokenLayerBuilder {
         let mut builder = AccessTokenLayer::builder()

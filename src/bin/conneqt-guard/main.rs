@@ -19,14 +19,17 @@ mod admin;
 mod cli;
 mod forward_auth;
 mod proxy;
+mod relay;
 mod server;
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use conneqt_guard::simulator::Simulator;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cli::{Cli, Common, Mode};
 
@@ -40,7 +43,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main thread runs the admin listener, the simulator and signal handling; the
+    // listener's connections are served by `--workers` threads of their own (see `serve`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -80,26 +85,42 @@ async fn run(cli: Cli) -> Result<(), String> {
 
     let admin = admin::Admin::new(guard.clone(), metrics);
     let admin_task = tokio::spawn(server::serve(admin_listener, admin, stopped.clone(), grace));
-    let main_task = match &cli.mode {
+    let frontend = match &cli.mode {
         Mode::Proxy(args) => {
-            let forwarder = proxy::Forwarder::new(&args.backend)?;
-            let service = tower_layer::Layer::layer(&guard, forwarder);
-            tokio::spawn(server::serve(listener, service, stopped, grace))
+            let backend = Arc::new(proxy::parse_backend(&args.backend)?);
+            Frontend::Proxy(
+                relay::Relay::new(&guard, backend.clone()),
+                tower_layer::Layer::layer(&guard, proxy::Forwarder::new(backend)),
+            )
         }
-        Mode::ForwardAuth(_) => {
-            let service = forward_auth::ForwardAuth::new(tower_layer::Layer::layer(
-                &guard,
-                forward_auth::Allow,
-            ));
-            tokio::spawn(server::serve(listener, service, stopped, grace))
-        }
+        Mode::ForwardAuth(_) => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(
+            tower_layer::Layer::layer(&guard, forward_auth::Allow),
+        )),
     };
+    let (workers, finished) = start_workers(&frontend, common.workers(), &stopped, grace)?;
+    let acceptor = tokio::spawn(server::accept(listener, stopped, {
+        let mut next = 0;
+        move |stream, peer| {
+            // Round robin. A worker that is gone (its runtime failed) loses the connection.
+            let Ok(stream) = stream.into_std() else {
+                return;
+            };
+            let _ = workers[next % workers.len()].send((stream, peer));
+            next = next.wrapping_add(1);
+        }
+    }));
     tracing::info!(mode = name, "conneqt-guard started");
 
     server::shutdown_signal().await;
     tracing::info!("shutdown signal: finishing in-flight requests");
     let _ = stop.send(true);
-    let finished = main_task.await.unwrap_or(false) & admin_task.await.unwrap_or(false);
+    // The acceptor drops the workers' senders when it stops, which starts their graceful stop.
+    let _ = acceptor.await;
+    let mut all_finished = admin_task.await.unwrap_or(false);
+    for worker in finished {
+        all_finished &= worker.await.unwrap_or(false);
+    }
+    let finished = all_finished;
     if !finished {
         tracing::warn!(
             timeout = %common.shutdown_timeout,
@@ -107,6 +128,74 @@ async fn run(cli: Cli) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// What the listener serves.
+#[derive(Clone)]
+enum Frontend {
+    Proxy(
+        relay::Relay,
+        conneqt_guard::AccessTokenService<proxy::Forwarder>,
+    ),
+    ForwardAuth(forward_auth::ForwardAuth<conneqt_guard::AccessTokenService<forward_auth::Allow>>),
+}
+
+/// Starts `count` threads, each with a single-threaded runtime that serves the connections
+/// sent to it start to end, as nginx's worker processes do: a connection never moves between
+/// threads, and no request is handed from one thread to another. Returns where to send
+/// connections, and for each worker a receiver that gets `true` when it stopped within the
+/// grace period (after its sender is dropped).
+#[allow(clippy::type_complexity)]
+fn start_workers(
+    frontend: &Frontend,
+    count: NonZeroUsize,
+    stopped: &watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> Result<
+    (
+        Vec<mpsc::UnboundedSender<server::Handed>>,
+        Vec<oneshot::Receiver<bool>>,
+    ),
+    String,
+> {
+    let mut senders = Vec::with_capacity(count.get());
+    let mut finished = Vec::with_capacity(count.get());
+    for index in 0..count.get() {
+        let (send, handed) = mpsc::unbounded_channel();
+        let (done, receiver) = oneshot::channel();
+        senders.push(send);
+        finished.push(receiver);
+        let (frontend, stopped) = (frontend.clone(), stopped.clone());
+        std::thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let finished = match runtime {
+                    Ok(runtime) => runtime.block_on(async move {
+                        match frontend {
+                            Frontend::Proxy(relay, service) => {
+                                let connections =
+                                    server::Connections::new(service, Some(relay), stopped);
+                                server::serve_handed(handed, connections, grace).await
+                            }
+                            Frontend::ForwardAuth(service) => {
+                                let connections = server::Connections::new(service, None, stopped);
+                                server::serve_handed(handed, connections, grace).await
+                            }
+                        }
+                    }),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start a worker's runtime");
+                        false
+                    }
+                };
+                let _ = done.send(finished);
+            })
+            .map_err(|error| format!("cannot start a worker thread: {error}"))?;
+    }
+    Ok((senders, finished))
 }
 
 /// Builds the guard from the settings, starting the simulator first with `--simulator`.

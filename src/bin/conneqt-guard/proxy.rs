@@ -36,32 +36,34 @@ pub(crate) struct Forwarder {
 
 /// Where requests go: scheme, host and port, and an optional path prefix.
 #[derive(Debug)]
-struct Backend {
+pub(crate) struct Backend {
     scheme: Scheme,
     authority: Authority,
+    /// `host:port`, with port 80 when the URL gives none.
+    address: String,
     /// The backend URL's path without its trailing `/` (empty for none).
     prefix: String,
 }
 
 impl Forwarder {
-    /// A forwarder to `backend` (`http://host:port[/prefix]`).
-    pub(crate) fn new(backend: &str) -> Result<Self, String> {
-        let backend = parse_backend(backend)?;
+    /// A forwarder to `backend`.
+    pub(crate) fn new(backend: Arc<Backend>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
-        Ok(Self {
-            backend: Arc::new(backend),
+        Self {
+            backend,
             http1,
             http2,
-        })
+        }
     }
 }
 
-fn parse_backend(raw: &str) -> Result<Backend, String> {
+/// Checks `--backend` (`http://host[:port][/prefix]`).
+pub(crate) fn parse_backend(raw: &str) -> Result<Backend, String> {
     let uri: Uri = raw
         .parse()
         .map_err(|error| format!("--backend {raw:?} is not a URL ({error})"))?;
@@ -81,14 +83,34 @@ fn parse_backend(raw: &str) -> Result<Backend, String> {
     if uri.query().is_some() {
         return Err(format!("--backend {raw:?} must not have a query"));
     }
+    let address = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.as_str()),
+    };
     Ok(Backend {
         scheme: Scheme::HTTP,
         authority,
+        address,
         prefix: uri.path().trim_end_matches('/').to_owned(),
     })
 }
 
 impl Backend {
+    /// `host[:port]` as the URL gave it: the `Host` the backend is sent.
+    pub(crate) fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    /// `host:port`, to connect to.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The path prefix, without a trailing `/` (empty for none).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let path = path_and_query.map_or("/", PathAndQuery::as_str);
         let path_and_query = if self.prefix.is_empty() {
@@ -239,7 +261,7 @@ pub(crate) fn add_forwarded(
 
 /// The answer when the backend cannot be reached: `502` problem+json for HTTP, `UNAVAILABLE`
 /// for gRPC. Neither names the backend.
-fn bad_gateway(grpc: bool) -> Response<ProxyBody> {
+pub(crate) fn bad_gateway(grpc: bool) -> Response<ProxyBody> {
     let mut response = if grpc {
         let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
         let headers = response.headers_mut();
