@@ -88,10 +88,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     let frontend = match &cli.mode {
         Mode::Proxy(args) => {
             let backend = Arc::new(proxy::parse_backend(&args.backend)?);
-            Frontend::Proxy(
+            Frontend::Proxy(Box::new((
                 relay::Relay::new(&guard, backend.clone()),
                 tower_layer::Layer::layer(&guard, proxy::Forwarder::new(backend)),
-            )
+            )))
         }
         Mode::ForwardAuth(_) => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(
             tower_layer::Layer::layer(&guard, forward_auth::Allow),
@@ -134,8 +134,10 @@ async fn run(cli: Cli) -> Result<(), String> {
 #[derive(Clone)]
 enum Frontend {
     Proxy(
-        relay::Relay,
-        conneqt_guard::AccessTokenService<proxy::Forwarder>,
+        Box<(
+            relay::Relay,
+            conneqt_guard::AccessTokenService<proxy::Forwarder>,
+        )>,
     ),
     ForwardAuth(forward_auth::ForwardAuth<conneqt_guard::AccessTokenService<forward_auth::Allow>>),
 }
@@ -175,7 +177,8 @@ fn start_workers(
                 let finished = match runtime {
                     Ok(runtime) => runtime.block_on(async move {
                         match frontend {
-                            Frontend::Proxy(relay, service) => {
+                            Frontend::Proxy(proxy) => {
+                                let (relay, service) = *proxy;
                                 let connections =
                                     server::Connections::new(service, Some(relay), stopped);
                                 server::serve_handed(handed, connections, grace).await

@@ -92,9 +92,11 @@ pub(crate) async fn serve(
         backend: None,
     };
     loop {
+        // On shutdown a connection waiting for a request (or for the rest of one) is closed.
         let head = tokio::select! {
+            biased;
             head = tokio::time::timeout(REQUEST_HEAD_TIMEOUT, connection.read_request_head()) => head,
-            _ = shutdown.wait_for(|stop| *stop), if connection.buffer.is_empty() => return Ended::Closed,
+            _ = shutdown.wait_for(|stop| *stop) => return Ended::Closed,
         };
         let head = match head {
             Ok(Ok(Some(head))) => head,
@@ -241,8 +243,7 @@ impl Connection {
                     return Err(Failure::BeforeResponse);
                 }
             };
-            let (client_read, mut client_write) = self.client.split();
-            drop(client_read);
+            let (_, mut client_write) = self.client.split();
             let (mut backend_read, _) = backend.stream.split();
             let answered = relay_response(
                 response,
@@ -415,7 +416,9 @@ fn plain_request(parsed: &httparse::Request<'_, '_>) -> Option<RequestHead> {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         let value = HeaderValue::from_bytes(field.value).ok()?;
         if name == header::CONTENT_LENGTH {
-            let length = std::str::from_utf8(field.value).ok()?.parse::<u64>().ok()?;
+            // Digits only: `u64::from_str` would also take `+5`, which a backend may read
+            // differently (a way to smuggle a request past the guard).
+            let length = content_length(field.value)?;
             if body_length.replace(length).is_some() {
                 return None;
             }
@@ -439,6 +442,14 @@ fn plain_request(parsed: &httparse::Request<'_, '_>) -> Option<RequestHead> {
         body_length: body_length.unwrap_or(0),
         close,
     })
+}
+
+/// A `Content-Length` value: 1 to 19 ASCII digits, nothing else.
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitive).
@@ -785,9 +796,7 @@ fn response_head(parsed: &httparse::Response<'_, '_>) -> io::Result<ResponseHead
                 .unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            let value = std::str::from_utf8(field.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            let value = content_length(field.value)
                 .ok_or_else(|| invalid("bad Content-Length from the backend"))?;
             if length.replace(value).is_some_and(|before| before != value) {
                 return Err(invalid("conflicting Content-Length from the backend"));
@@ -954,5 +963,172 @@ impl AsyncWrite for Replay {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_request(raw: &[u8]) -> Option<RequestHead> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        assert!(parsed.parse(raw).unwrap().is_complete());
+        plain_request(&parsed)
+    }
+
+    fn parse_response(raw: &[u8]) -> io::Result<ResponseHead> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        assert!(parsed.parse(raw).unwrap().is_complete());
+        response_head(&parsed)
+    }
+
+    #[test]
+    fn plain_requests_are_taken_and_everything_else_goes_to_hyper() {
+        let head = parse_request(
+            b"POST /m?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.body_length, 5);
+        assert!(head.close);
+        assert_eq!(head.request.uri(), "/m?x=1");
+        assert_eq!(head.request.headers()["host"], "a");
+
+        for other in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Type: application/grpc\r\n\r\n",
+        ] {
+            assert!(
+                parse_request(other).is_none(),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_fields_and_say_how_the_body_ends() {
+        let head = parse_response(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
+              Proxy-Authenticate: Basic\r\nX-End: 1\r\nContent-Length: 12\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(head.head).unwrap(),
+            "HTTP/1.1 200 OK\r\nX-End: 1\r\nContent-Length: 12\r\n"
+        );
+        assert!(matches!(head.framing, Framing::Length(12)));
+        assert!(head.backend_keep_alive);
+
+        let chunked = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap();
+        assert!(matches!(chunked.framing, Framing::Chunked(Chunked::Size)));
+        assert_eq!(chunked.head, b"HTTP/1.1 200 OK\r\n");
+
+        let closing = parse_response(b"HTTP/1.0 200 OK\r\n\r\n").unwrap();
+        assert!(matches!(closing.framing, Framing::UntilClose));
+        assert!(!closing.backend_keep_alive);
+        let close =
+            parse_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!close.unwrap().backend_keep_alive);
+        let not_modified =
+            parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n");
+        assert!(matches!(not_modified.unwrap().framing, Framing::Length(0)));
+        assert!(
+            parse_response(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+                .unwrap()
+                .informational
+        );
+
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        ] {
+            assert!(
+                parse_response(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// Scans `body` fed in pieces of `step` bytes, as reads would bring it.
+    fn scan_in_pieces(body: &[u8], step: usize) -> io::Result<usize> {
+        let mut framing = Framing::Chunked(Chunked::Size);
+        let mut buffer = Vec::new();
+        let mut passed = 0;
+        for piece in body.chunks(step) {
+            buffer.extend_from_slice(piece);
+            let (used, done) = framing.scan(&buffer)?;
+            buffer.drain(..used);
+            passed += used;
+            if done {
+                return Ok(passed);
+            }
+        }
+        Err(io::ErrorKind::UnexpectedEof.into())
+    }
+
+    #[test]
+    fn chunked_bodies_end_after_the_last_chunk_and_trailers_whatever_the_reads() {
+        let body =
+            b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let mut with_more = body.to_vec();
+        with_more.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for step in [1, 2, 3, 7, body.len()] {
+            assert_eq!(
+                scan_in_pieces(&with_more, step).unwrap(),
+                body.len(),
+                "{step}"
+            );
+        }
+        assert_eq!(scan_in_pieces(b"0\r\n\r\n", 1).unwrap(), 5);
+        for bad in [
+            &b"zz\r\n"[..],
+            b"3\r\nabcX\r\n",
+            b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
+        ] {
+            assert!(
+                scan_in_pieces(bad, 1).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(content_length(b"0"), Some(0));
+        assert_eq!(content_length(b"1234"), Some(1234));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1 ",
+            b"0x1",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(
+                content_length(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
