@@ -5,12 +5,14 @@ mod support;
 #[path = "support/sidecar.rs"]
 mod sidecar;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use conneqt_guard::simulator::{Fault, Simulator};
 use sidecar::{Backend, Sidecar};
 use support::{TOKEN_HEADER, client, problem};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic_health::pb::HealthCheckRequest;
@@ -536,4 +538,107 @@ async fn strip_and_skip_flags_reach_the_layer() {
         .unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(setup.backend.calls(), 2);
+}
+
+/// Reads a response or request head (up to the blank line), byte by byte so nothing after it
+/// is consumed.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A backend that answers every WebSocket handshake with `101` and then echoes bytes; records
+/// the handshakes it saw.
+async fn websocket_echo_backend() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await;
+                record.lock().unwrap().push(head);
+                stream
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                          Connection: Upgrade\r\n\
+                          Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                    )
+                    .await
+                    .unwrap();
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+const HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n";
+
+#[tokio::test]
+async fn a_websocket_handshake_with_a_valid_token_becomes_a_tunnel_and_without_one_is_refused() {
+    let sim = Simulator::start().await.unwrap();
+    let (backend, seen) = websocket_echo_backend().await;
+    let proxy = start_proxy(&sim, &backend, &[]).await;
+    let token = sim.issue_token();
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("{HANDSHAKE}{TOKEN_HEADER}: {token}\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
+    // What follows is not HTTP: bytes pass both ways as they are.
+    for frame in [&b"\x81\x05hello"[..], b"\x82\x03\r\n\r"] {
+        client.write_all(frame).await.unwrap();
+        let mut echoed = vec![0; frame.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, frame);
+    }
+    let handshakes = seen.lock().unwrap().clone();
+    assert_eq!(handshakes.len(), 1);
+    let backend_saw = handshakes[0].to_ascii_lowercase();
+    assert!(
+        backend_saw.contains("\r\nupgrade: websocket\r\n"),
+        "{backend_saw}"
+    );
+    assert!(
+        backend_saw.contains("\r\nconnection: upgrade\r\n"),
+        "{backend_saw}"
+    );
+    assert!(backend_saw.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="));
+    assert_eq!(sim.verify_calls(), 1);
+
+    // No token, or a revoked one: the guard's answer, and the backend never sees a handshake.
+    let revoked = sim.issue_token();
+    sim.revoke(&revoked);
+    for (extra, status) in [
+        (String::new(), "401"),
+        (format!("{TOKEN_HEADER}: {revoked}\r\n"), "410"),
+    ] {
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let request = format!("{HANDSHAKE}{extra}\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("upgrade"), "{head}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(sim.verify_calls(), 2);
 }

@@ -4,7 +4,8 @@
 //!
 //! This is the proxy's fast path, not a second HTTP implementation: it takes only the plain
 //! requests that make up nearly all traffic (HTTP/1.1, origin-form path, no body or a
-//! `Content-Length` body, no `Transfer-Encoding`, `Expect` or `Upgrade`, not gRPC). At the
+//! `Content-Length` body, no `Transfer-Encoding` or `Expect`, not gRPC), and WebSocket
+//! handshakes, which become a byte tunnel after the backend's `101`. At the
 //! first request that is anything else (or an HTTP/2 preface), it stops and hands the
 //! connection, with the bytes it has read but not used, to hyper ([`crate::server`]), which
 //! serves the rest of it through the same guard. Each request on a connection is checked by
@@ -138,6 +139,9 @@ struct RequestHead {
     body_length: u64,
     /// The client asked to close after this request.
     close: bool,
+    /// A WebSocket handshake (`Upgrade: websocket`, `Connection: upgrade`, no body): the
+    /// `Upgrade` value, passed to the backend.
+    upgrade: Option<HeaderValue>,
 }
 
 impl Connection {
@@ -178,6 +182,7 @@ impl Connection {
             request,
             body_length,
             close,
+            upgrade,
         } = head;
         let (method, uri) = (request.method().clone(), request.uri().clone());
         let response = {
@@ -199,9 +204,18 @@ impl Connection {
         remove_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         add_forwarded(&mut headers, Some(self.peer.ip()), original_host);
+        let upgrading = upgrade.is_some();
+        if let Some(upgrade) = upgrade {
+            // Hop-by-hop, but the handshake is what this hop is for: asked for again.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, upgrade);
+        }
 
         let head = self.relay.backend.request_head(&method, &uri, &headers);
-        match self.forward(&method, head, body_length, close).await {
+        match self
+            .forward(&method, head, body_length, close, upgrading)
+            .await
+        {
             Ok(keep_alive) => keep_alive,
             Err(Failure::BeforeResponse) => {
                 self.backend = None;
@@ -219,18 +233,19 @@ impl Connection {
         head: Vec<u8>,
         body_length: u64,
         close: bool,
+        upgrading: bool,
     ) -> Result<bool, Failure> {
         let mut backend = match self.backend.take() {
             Some(backend) if backend.is_usable() => backend,
             _ => self.relay.backend.connect().await?,
         };
         let (keep_alive, backend_reusable) = if body_length == 0 {
-            let mut answer = backend.ask(&head).await;
+            let mut answer = backend.ask(&head, upgrading).await;
             // The backend may have closed a kept-alive connection while it was idle: a request
             // that has no body and can be repeated is sent again, once, on a new connection.
             if matches!(answer, Ok(None)) && backend.answered && is_idempotent(method) {
                 backend = self.relay.backend.connect().await?;
-                answer = backend.ask(&head).await;
+                answer = backend.ask(&head, upgrading).await;
             }
             let response = match answer {
                 Ok(Some(response)) => response,
@@ -243,6 +258,9 @@ impl Connection {
                     return Err(Failure::BeforeResponse);
                 }
             };
+            if response.switching {
+                return self.tunnel(backend, response.head).await;
+            }
             let (_, mut client_write) = self.client.split();
             let (mut backend_read, _) = backend.stream.split();
             let answered = relay_response(
@@ -264,6 +282,34 @@ impl Connection {
             self.backend = Some(backend);
         }
         Ok(keep_alive)
+    }
+
+    /// After the backend's `101 Switching Protocols`: passes it on, then copies bytes both
+    /// ways until either side closes. The guard checked the handshake; what follows is not
+    /// HTTP, so it is not checked again (a token revoked mid-session ends nothing).
+    async fn tunnel(
+        &mut self,
+        mut backend: BackendConnection,
+        mut head: Vec<u8>,
+    ) -> Result<bool, Failure> {
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(&backend.buffer.split());
+        if let Err(error) = self.client.write_all(&head).await {
+            tracing::debug!(%error, "passing on the upgrade failed: closing");
+            return Err(Failure::DuringResponse);
+        }
+        if !self.buffer.is_empty()
+            && let Err(error) = backend.stream.write_all(&self.buffer.split()).await
+        {
+            tracing::debug!(%error, "the backend failed after the upgrade: closing");
+            return Err(Failure::DuringResponse);
+        }
+        if let Err(error) =
+            tokio::io::copy_bidirectional(&mut self.client, &mut backend.stream).await
+        {
+            tracing::debug!(%error, "an upgraded connection ended with an error");
+        }
+        Ok(false)
     }
 
     /// [`Self::forward`] for a request with a body: the body is sent while the answer is
@@ -307,7 +353,9 @@ impl Connection {
         let backend_buffer = &mut backend.buffer;
         let answer = async {
             let response =
-                match read_final_head(&mut backend_read, backend_buffer, &mut client_write).await {
+                match read_final_head(&mut backend_read, backend_buffer, &mut client_write, false)
+                    .await
+                {
                     Ok(Some(response)) => response,
                     Ok(None) => return Err(Failure::BeforeResponse),
                     Err(error) => {
@@ -412,6 +460,8 @@ fn plain_request(parsed: &httparse::Request<'_, '_>) -> Option<RequestHead> {
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     let mut body_length = None;
     let mut close = false;
+    let mut upgrade: Option<HeaderValue> = None;
+    let mut connection_upgrade = false;
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         let value = HeaderValue::from_bytes(field.value).ok()?;
@@ -424,15 +474,32 @@ fn plain_request(parsed: &httparse::Request<'_, '_>) -> Option<RequestHead> {
             }
         } else if name == header::TRANSFER_ENCODING
             || name == header::EXPECT
-            || name == header::UPGRADE
             || (name == header::CONTENT_TYPE && field.value.starts_with(b"application/grpc"))
         {
             return None;
+        } else if name == header::UPGRADE {
+            if upgrade.replace(value.clone()).is_some() {
+                return None;
+            }
         } else if name == header::CONNECTION {
             close |= has_token(field.value, b"close");
+            connection_upgrade |= has_token(field.value, b"upgrade");
         }
         headers.append(name, value);
     }
+    // Only a WebSocket handshake is taken here; other upgrades (h2c, ...) go to hyper.
+    let upgrade = match upgrade {
+        None => None,
+        Some(protocol)
+            if connection_upgrade
+                && method == Method::GET
+                && body_length.unwrap_or(0) == 0
+                && protocol.as_bytes().eq_ignore_ascii_case(b"websocket") =>
+        {
+            Some(protocol)
+        }
+        Some(_) => return None,
+    };
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -441,6 +508,7 @@ fn plain_request(parsed: &httparse::Request<'_, '_>) -> Option<RequestHead> {
         request,
         body_length: body_length.unwrap_or(0),
         close,
+        upgrade,
     })
 }
 
@@ -514,13 +582,15 @@ impl Backend {
 impl BackendConnection {
     /// Sends a request head (of a request with no body) and reads the final response head.
     /// `Ok(None)`: the backend closed the connection without answering.
-    async fn ask(&mut self, head: &[u8]) -> io::Result<Option<ResponseHead>> {
+    /// `upgrading`: the request is a WebSocket handshake, so `101` is an answer.
+    async fn ask(&mut self, head: &[u8], upgrading: bool) -> io::Result<Option<ResponseHead>> {
         if self.stream.write_all(head).await.is_err() {
             return Ok(None);
         }
         let (mut read, _) = self.stream.split();
         let mut informational = Vec::new();
-        let final_head = read_final_head(&mut read, &mut self.buffer, &mut informational).await;
+        let final_head =
+            read_final_head(&mut read, &mut self.buffer, &mut informational, upgrading).await;
         if !informational.is_empty() && !matches!(final_head, Ok(Some(_))) {
             return Err(invalid("the backend failed after an informational answer"));
         }
@@ -549,8 +619,10 @@ struct ResponseHead {
     framing: Framing,
     /// The backend lets us send another request on this connection.
     backend_keep_alive: bool,
-    /// A `1xx` head: passed on, and the final one follows.
+    /// A `1xx` head other than `101`: passed on, and the final one follows.
     informational: bool,
+    /// `101 Switching Protocols` to a WebSocket handshake: the connection becomes a tunnel.
+    switching: bool,
 }
 
 /// How a response body ends.
@@ -662,9 +734,10 @@ async fn read_final_head(
     backend: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
     client: &mut (impl AsyncWrite + Unpin),
+    upgrading: bool,
 ) -> io::Result<Option<ResponseHead>> {
     loop {
-        let Some(response) = read_response_head(backend, buffer).await? else {
+        let Some(response) = read_response_head(backend, buffer, upgrading).await? else {
             return Ok(None);
         };
         if !response.informational {
@@ -723,6 +796,7 @@ async fn relay_response(
 async fn read_response_head(
     stream: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
+    upgrading: bool,
 ) -> io::Result<Option<ResponseHead>> {
     loop {
         if !buffer.is_empty() {
@@ -730,7 +804,7 @@ async fn read_response_head(
             let mut parsed = httparse::Response::new(&mut fields);
             match parsed.parse(buffer) {
                 Ok(httparse::Status::Complete(length)) => {
-                    let head = response_head(&parsed)?;
+                    let head = response_head(&parsed, upgrading)?;
                     buffer.advance(length);
                     return Ok(Some(head));
                 }
@@ -766,11 +840,13 @@ const HOP_BY_HOP: [&[u8]; 8] = [
 ];
 
 /// The client's view of a backend response head, and how its body is framed (RFC 9112 §6.3).
-fn response_head(parsed: &httparse::Response<'_, '_>) -> io::Result<ResponseHead> {
+/// `upgrading`: the request was a WebSocket handshake, so `101` is an answer.
+fn response_head(parsed: &httparse::Response<'_, '_>, upgrading: bool) -> io::Result<ResponseHead> {
     let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
         return Err(invalid("incomplete status line from the backend"));
     };
-    if code == 101 {
+    let switching = code == 101;
+    if switching && !upgrading {
         return Err(invalid("the backend switched protocols unasked"));
     }
     let mut backend_keep_alive = version == 1;
@@ -803,7 +879,7 @@ fn response_head(parsed: &httparse::Response<'_, '_>) -> io::Result<ResponseHead
             }
         }
     }
-    let informational = (100..200).contains(&code);
+    let informational = (100..200).contains(&code) && !switching;
     let framing = match (chunked, length) {
         _ if informational || code == 204 || code == 304 => Framing::Length(0),
         (Some(true), _) => Framing::Chunked(Chunked::Size),
@@ -830,11 +906,22 @@ fn response_head(parsed: &httparse::Response<'_, '_>) -> io::Result<ResponseHead
             push_header(&mut head, name, field.value);
         }
     }
+    if switching {
+        // The upgrade is this hop's, so its fields are restated for the client.
+        let protocol = parsed
+            .headers
+            .iter()
+            .find(|field| field.name.eq_ignore_ascii_case("upgrade"))
+            .ok_or_else(|| invalid("101 without Upgrade from the backend"))?;
+        push_header(&mut head, b"connection", b"upgrade");
+        push_header(&mut head, b"upgrade", protocol.value);
+    }
     Ok(ResponseHead {
         head,
         framing,
         backend_keep_alive,
         informational,
+        switching,
     })
 }
 
@@ -981,7 +1068,7 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut parsed = httparse::Response::new(&mut headers);
         assert!(parsed.parse(raw).unwrap().is_complete());
-        response_head(&parsed)
+        response_head(&parsed, false)
     }
 
     #[test]
@@ -994,6 +1081,12 @@ mod tests {
         assert!(head.close);
         assert_eq!(head.request.uri(), "/m?x=1");
         assert_eq!(head.request.headers()["host"], "a");
+        assert!(head.upgrade.is_none());
+
+        let handshake =
+            parse_request(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n")
+                .unwrap();
+        assert_eq!(handshake.upgrade.unwrap(), "WebSocket");
 
         for other in [
             &b"GET / HTTP/1.0\r\n\r\n"[..],
@@ -1006,7 +1099,9 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            b"POST / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Type: application/grpc\r\n\r\n",
         ] {
             assert!(
@@ -1053,8 +1148,21 @@ mod tests {
                 .informational
         );
 
+        let mut headers = [httparse::EMPTY_HEADER; 4];
+        let mut parsed = httparse::Response::new(&mut headers);
+        parsed
+            .parse(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX: 1\r\n\r\n")
+            .unwrap();
+        let switching = response_head(&parsed, true).unwrap();
+        assert!(switching.switching && !switching.informational);
+        assert_eq!(
+            String::from_utf8(switching.head).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nX: 1\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+        );
+
         for bad in [
-            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+            // Not asked for.
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         ] {
