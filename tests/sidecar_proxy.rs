@@ -642,3 +642,39 @@ async fn a_websocket_handshake_with_a_valid_token_becomes_a_tunnel_and_without_o
     assert_eq!(seen.lock().unwrap().len(), 1);
     assert_eq!(sim.verify_calls(), 2);
 }
+
+#[tokio::test]
+async fn a_rejected_request_whose_large_body_is_never_read_still_gets_its_answer() {
+    let setup = start(&[]).await;
+    let revoked = setup.sim.issue_token();
+    setup.sim.revoke(&revoked);
+    for (token, status) in [(None, "401"), (Some(revoked.as_str()), "410")] {
+        // A client that sends its whole body before it reads anything: the proxy answers
+        // without reading the body, and must not reset the connection under the client.
+        let mut client = TcpStream::connect(setup.proxy.addr).await.unwrap();
+        let body = vec![b'x'; 16 * 1024 * 1024];
+        let token = token.map_or(String::new(), |t| format!("{TOKEN_HEADER}: {t}\r\n"));
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: x\r\n{token}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        client
+            .write_all(&body)
+            .await
+            .expect("the whole body can be sent");
+        let mut answer = Vec::new();
+        client
+            .read_to_end(&mut answer)
+            .await
+            .expect("the answer arrives, then a clean close, not a reset");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    }
+    assert_eq!(setup.backend.calls(), 0);
+    assert_eq!(setup.sim.verify_calls(), 1);
+}

@@ -48,6 +48,9 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// How long a client connection may wait between requests, or take to send a request head.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a closing connection reads what the client still sends (see
+/// [`Connection::close`]).
+const LINGER: Duration = Duration::from_secs(2);
 /// Read buffer size: enough for the heads of nearly all requests and responses in one read.
 const BUFFER: usize = 8 * 1024;
 /// The HTTP/2 connection preface: such a connection goes to hyper.
@@ -104,9 +107,10 @@ pub(crate) async fn serve(
             Ok(Ok(None)) => return Ended::HandOff(connection.hand_off()),
             Ok(Err(_)) | Err(_) => return Ended::Closed,
         };
+        let had_body = head.body_length > 0;
         let keep_alive = connection.exchange(head).await;
         if !keep_alive || *shutdown.borrow() {
-            let _ = connection.client.shutdown().await;
+            connection.close(had_body).await;
             return Ended::Closed;
         }
     }
@@ -434,6 +438,22 @@ impl Connection {
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
         self.client.write_all(&out).await.is_ok() && keep_alive
+    }
+
+    /// Closes the client connection. After a request with a body, which may not all have been
+    /// read (a rejection does not read it), what the client still sends is read and dropped
+    /// until it closes too, for at most [`LINGER`]: closing with unread data would reset the
+    /// connection, and a client that sends its whole body before reading would lose the answer.
+    async fn close(mut self, had_body: bool) {
+        let _ = self.client.shutdown().await;
+        if !had_body {
+            return;
+        }
+        let drain = async {
+            let mut scratch = [0u8; 16 * 1024];
+            while let Ok(1..) = self.client.read(&mut scratch).await {}
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
     /// The client connection and what was read from it but not used, for hyper.
