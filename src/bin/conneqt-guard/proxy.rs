@@ -148,7 +148,11 @@ impl Service<Request<Incoming>> for Forwarder {
         // The backend's own authority goes in `Host` (set by the client from the URI).
         parts.headers.remove(header::HOST);
         let client = parts.extensions.get::<ClientAddr>().map(|c| c.0.ip());
-        add_forwarded(&mut parts.headers, client, original_host);
+        add_forwarded(
+            &mut parts.headers,
+            client.map(forwarded_for).as_ref(),
+            original_host,
+        );
         parts.uri = match self.backend.uri_for(parts.uri.path_and_query()) {
             Ok(uri) => uri,
             Err(error) => {
@@ -232,24 +236,35 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` to what the client used.
+/// The client's address as an `X-Forwarded-For` entry.
+pub(crate) fn forwarded_for(client: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+}
+
+/// Appends the client (from [`forwarded_for`]) to `X-Forwarded-For`, and sets
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` to what the client used.
 pub(crate) fn add_forwarded(
     headers: &mut HeaderMap,
-    client: Option<std::net::IpAddr>,
+    client: Option<&HeaderValue>,
     host: Option<HeaderValue>,
 ) {
     if let Some(client) = client {
-        let mut chain: Vec<String> = headers
+        let chain: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .map(|v| v.trim().to_owned())
+            .map(str::trim)
             .filter(|v| !v.is_empty())
             .collect();
-        chain.push(client.to_string());
-        if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
-            headers.insert(X_FORWARDED_FOR, value);
+        if chain.is_empty() {
+            headers.insert(X_FORWARDED_FOR, client.clone());
+        } else {
+            let mut joined = chain.join(", ");
+            joined.push_str(", ");
+            joined.push_str(client.to_str().unwrap_or_default());
+            if let Ok(value) = HeaderValue::from_str(&joined) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -361,12 +376,21 @@ mod tests {
         ]);
         add_forwarded(
             &mut map,
-            Some("127.0.0.1".parse().unwrap()),
+            Some(&forwarded_for("127.0.0.1".parse().unwrap())),
             Some(HeaderValue::from_static("example.org")),
         );
         assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(map["x-forwarded-host"], "example.org");
+
+        let mut first = HeaderMap::new();
+        add_forwarded(
+            &mut first,
+            Some(&forwarded_for("::1".parse().unwrap())),
+            None,
+        );
+        assert_eq!(first["x-forwarded-for"], "::1");
+        assert!(first.get("x-forwarded-host").is_none());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::proxy::{Backend, add_forwarded, bad_gateway, remove_hop_by_hop};
+use crate::proxy::{Backend, add_forwarded, bad_gateway, forwarded_for, remove_hop_by_hop};
 
 /// The most headers a request may have on this path (more goes to hyper, which allows 100).
 const MAX_REQUEST_HEADERS: usize = 64;
@@ -90,7 +90,7 @@ pub(crate) async fn serve(
 ) -> Ended {
     let mut connection = Connection {
         relay: relay.clone(),
-        peer,
+        forwarded_for: forwarded_for(peer.ip()),
         client,
         buffer: BytesMut::with_capacity(BUFFER),
         backend: None,
@@ -120,7 +120,8 @@ pub(crate) async fn serve(
 /// when the backend closes it).
 struct Connection {
     relay: Relay,
-    peer: SocketAddr,
+    /// The client's address, for `X-Forwarded-For`.
+    forwarded_for: HeaderValue,
     client: TcpStream,
     /// Bytes read from the client and not yet used.
     buffer: BytesMut,
@@ -207,7 +208,7 @@ impl Connection {
         let original_host = headers.get(header::HOST).cloned();
         remove_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
-        add_forwarded(&mut headers, Some(self.peer.ip()), original_host);
+        add_forwarded(&mut headers, Some(&self.forwarded_for), original_host);
         let upgrading = upgrade.is_some();
         if let Some(upgrade) = upgrade {
             // Hop-by-hop, but the handshake is what this hop is for: asked for again.
