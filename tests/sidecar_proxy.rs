@@ -29,27 +29,12 @@ struct Setup {
 async fn start(extra: &[&str]) -> Setup {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let proxy = start_proxy(&sim, &backend.url(), extra).await;
+    let proxy = Sidecar::proxy(&sim, &backend.url(), extra).await;
     Setup {
         sim,
         backend,
         proxy,
     }
-}
-
-async fn start_proxy(sim: &Simulator, backend: &str, extra: &[&str]) -> Sidecar {
-    let base_url = sim.base_url();
-    let mut args = vec![
-        "proxy",
-        "--backend",
-        backend,
-        "--base-url",
-        &base_url,
-        "--api-key",
-        sim.api_key(),
-    ];
-    args.extend_from_slice(extra);
-    Sidecar::start(&args).await
 }
 
 #[tokio::test]
@@ -206,7 +191,7 @@ async fn a_backend_that_is_down_is_502_problem_json_that_does_not_name_it() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = start_proxy(&sim, &format!("http://{closed}"), &[]).await;
+    let proxy = Sidecar::proxy(&sim, &format!("http://{closed}"), &[]).await;
     let token = sim.issue_token();
     let response = client()
         .get(proxy.url("/anything"))
@@ -266,7 +251,7 @@ async fn grpc_passes_through_h2c_with_a_valid_token_and_is_unauthenticated_witho
             .add_service(health)
             .serve_with_incoming(TcpIncoming::from(listener)),
     );
-    let proxy = start_proxy(&sim, &format!("http://{backend_addr}"), &[]).await;
+    let proxy = Sidecar::proxy(&sim, &format!("http://{backend_addr}"), &[]).await;
     let channel = Channel::from_shared(proxy.url(""))
         .unwrap()
         .connect()
@@ -589,7 +574,7 @@ const HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: chat.example\r\nConnection:
 async fn a_websocket_handshake_with_a_valid_token_becomes_a_tunnel_and_without_one_is_refused() {
     let sim = Simulator::start().await.unwrap();
     let (backend, seen) = websocket_echo_backend().await;
-    let proxy = start_proxy(&sim, &backend, &[]).await;
+    let proxy = Sidecar::proxy(&sim, &backend, &[]).await;
     let token = sim.issue_token();
 
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();

@@ -397,28 +397,13 @@ impl RawBackend {
     }
 }
 
-/// The proxy in front of `backend`, verifying against `sim`.
-async fn proxy(sim: &Simulator, backend: &str) -> Sidecar {
-    let base_url = sim.base_url();
-    Sidecar::start(&[
-        "proxy",
-        "--backend",
-        backend,
-        "--base-url",
-        &base_url,
-        "--api-key",
-        sim.api_key(),
-    ])
-    .await
-}
-
 /// A simulator, a raw backend running `script`, the proxy in front, and a valid token.
 async fn raw_setup(
     script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
 ) -> (Simulator, RawBackend, Sidecar, String) {
     let sim = Simulator::start().await.unwrap();
     let backend = RawBackend::start(script).await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     (sim, backend, sidecar, token)
 }
@@ -427,7 +412,7 @@ async fn raw_setup(
 async fn every_request_on_a_kept_alive_connection_is_checked_not_only_the_first() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let valid = sim.issue_token();
     let revoked = sim.issue_token();
     sim.revoke(&revoked);
@@ -498,7 +483,7 @@ async fn pipelined_requests_in_one_write_are_answered_in_order_and_each_is_check
 async fn chunked_and_content_length_request_bodies_are_echoed_intact() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     let mut client = Client::connect(sidecar.addr).await;
     // A plain request first: the proxy's fast path takes it, and hands the connection to
@@ -778,7 +763,7 @@ async fn hop_by_hop_headers_are_dropped_both_ways_and_forwarding_headers_added()
 async fn an_http_1_0_request_is_answered_and_then_the_connection_closed() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     let mut client = Client::connect(sidecar.addr).await;
     let head =
@@ -821,7 +806,7 @@ async fn an_http_1_0_client_never_gets_chunked_encoding() {
 async fn expect_100_continue_with_a_valid_token_gets_100_then_the_echo() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     let body = "the body after 100";
     let extra = format!("Expect: 100-continue\r\nContent-Length: {}\r\n", body.len());
@@ -840,7 +825,7 @@ async fn expect_100_continue_with_a_valid_token_gets_100_then_the_echo() {
 async fn expect_100_continue_without_a_token_is_a_final_401_and_no_body_is_needed() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let extra = "Expect: 100-continue\r\nContent-Length: 18\r\n";
     let mut client = Client::connect(sidecar.addr).await;
     client.send(request("POST", "/echo", None, extra)).await;
@@ -856,7 +841,7 @@ const HUGE_HEADER: usize = 1024 * 1024;
 async fn a_one_mebibyte_request_head_is_refused_and_nobody_is_called() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     let huge = format!("X-Huge: {}\r\n", "a".repeat(HUGE_HEADER));
     let head = request("GET", "/", Some(&token), &huge);
@@ -907,7 +892,7 @@ async fn a_backend_answering_garbage_is_502_problem_json_that_does_not_name_it()
 async fn a_connection_close_request_is_answered_and_then_the_connection_closed() {
     let sim = Simulator::start().await.unwrap();
     let backend = Backend::start().await;
-    let sidecar = proxy(&sim, &backend.url()).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &[]).await;
     let token = sim.issue_token();
     let mut client = Client::connect(sidecar.addr).await;
     client

@@ -16,6 +16,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
+use conneqt_guard::simulator::Simulator;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc};
@@ -46,6 +47,22 @@ impl Sidecar {
         sidecar.admin = admin.parse().unwrap();
         sidecar.addr = addr.parse().unwrap();
         sidecar
+    }
+
+    /// `conneqt-guard proxy` in front of `backend`, verifying against `sim`, with `extra` flags.
+    pub async fn proxy(sim: &Simulator, backend: &str, extra: &[&str]) -> Sidecar {
+        let base_url = sim.base_url();
+        let mut args = vec![
+            "proxy",
+            "--backend",
+            backend,
+            "--base-url",
+            &base_url,
+            "--api-key",
+            sim.api_key(),
+        ];
+        args.extend_from_slice(extra);
+        Sidecar::start(&args).await
     }
 
     /// Starts the binary with exactly `args` and does not wait for anything.
