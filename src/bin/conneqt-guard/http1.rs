@@ -72,9 +72,7 @@ pub(crate) fn named_by_connection(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|name| {
-            !name.is_empty()
-                && !name.eq_ignore_ascii_case(b"te")
-                && !listed(&END_TO_END, name)
+            !name.is_empty() && !name.eq_ignore_ascii_case(b"te") && !listed(&END_TO_END, name)
         })
 }
 
@@ -140,7 +138,10 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes every field whose name has an `_` (rule 2). Costs one scan of the names, and
 /// nothing more when there is none (the usual case).
 pub(crate) fn remove_aliases(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| is_alias(name.as_str().as_bytes())) {
+    if !headers
+        .keys()
+        .any(|name| is_alias(name.as_str().as_bytes()))
+    {
         return;
     }
     let aliases: Vec<HeaderName> = headers

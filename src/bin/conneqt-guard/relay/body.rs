@@ -148,7 +148,6 @@ pub(super) async fn relay_body(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ mod body;
 mod request;
 mod response;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -63,40 +63,115 @@ const BUFFER: usize = 8 * 1024;
 /// The HTTP/2 connection preface: such a connection goes to hyper.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// What the relay needs, shared by every connection.
-#[derive(Clone, Debug)]
-pub(crate) struct Relay {
+/// What the relay needs, shared by every connection: the guard, where requests go, how to
+/// connect there (`K`: TCP to the backend, or an in-memory pipe in tests), the timeouts.
+#[derive(Debug)]
+pub(crate) struct Relay<K = Backend> {
     guard: AccessTokenService<Pass>,
     backend: Arc<Backend>,
+    connector: Arc<K>,
     timeouts: Timeouts,
+}
+
+impl<K> Clone for Relay<K> {
+    fn clone(&self) -> Self {
+        Self {
+            guard: self.guard.clone(),
+            backend: self.backend.clone(),
+            connector: self.connector.clone(),
+            timeouts: self.timeouts,
+        }
+    }
 }
 
 impl Relay {
     pub(crate) fn new(guard: &AccessTokenLayer, backend: Arc<Backend>, timeouts: Timeouts) -> Self {
+        Relay::with_connector(guard, backend.clone(), backend, timeouts)
+    }
+}
+
+impl<K: Connect> Relay<K> {
+    fn with_connector(
+        guard: &AccessTokenLayer,
+        backend: Arc<Backend>,
+        connector: Arc<K>,
+        timeouts: Timeouts,
+    ) -> Self {
         Self {
             guard: tower_layer::Layer::layer(guard, Pass),
             backend,
+            connector,
             timeouts,
         }
     }
 }
 
+/// A byte stream the relay serves or forwards to: a TCP socket, or an in-memory pipe in
+/// tests, so the connection loop is one piece of code whatever carries the bytes.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The read and write halves, to use both at once.
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    );
+
+    /// Whether a kept-alive stream still looks open: the peer has not closed it or written
+    /// anything unasked.
+    fn is_idle_and_open(&mut self) -> bool;
+}
+
+impl Stream for TcpStream {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        self.split()
+    }
+
+    /// Costs no system call while nothing has arrived.
+    fn is_idle_and_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.try_read(&mut probe), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// How the relay reaches the backend.
+pub(crate) trait Connect: Send + Sync + 'static {
+    type Stream: Stream;
+
+    fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Connect for Backend {
+    type Stream = TcpStream;
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(self.address()).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
 /// How a connection left the fast path.
-pub(crate) enum Ended {
+pub(crate) enum Ended<C> {
     /// Closed: by the client, after `Connection: close`, on shutdown, or on an error.
     Closed,
     /// A request this path does not take: hyper serves the rest of the connection, starting
     /// with the bytes already read.
-    HandOff(Replay),
+    HandOff(Replay<C>),
 }
 
 /// Serves `client` until it closes or sends a request for hyper.
-pub(crate) async fn serve(
-    relay: &Relay,
-    client: TcpStream,
+pub(crate) async fn serve<C: Stream, K: Connect>(
+    relay: &Relay<K>,
+    client: C,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
-) -> Ended {
+) -> Ended<C> {
     let mut connection = Connection {
         relay: relay.clone(),
         forwarded_for: forwarded_for(peer.ip()),
@@ -134,18 +209,18 @@ pub(crate) async fn serve(
 
 /// One client connection and its backend connection (opened at the first request, reopened
 /// when the backend closes it).
-struct Connection {
-    relay: Relay,
+struct Connection<C, K: Connect> {
+    relay: Relay<K>,
     /// The client's address, for `X-Forwarded-For`.
     forwarded_for: HeaderValue,
-    client: TcpStream,
+    client: C,
     /// Bytes read from the client and not yet used.
     buffer: BytesMut,
-    backend: Option<BackendConnection>,
+    backend: Option<BackendConnection<K::Stream>>,
 }
 
-struct BackendConnection {
-    stream: TcpStream,
+struct BackendConnection<S> {
+    stream: S,
     /// Bytes read from the backend and not yet used.
     buffer: BytesMut,
     /// The backend has answered a request on this connection (so it was kept alive, and a
@@ -153,7 +228,7 @@ struct BackendConnection {
     answered: bool,
 }
 
-impl Connection {
+impl<C: Stream, K: Connect> Connection<C, K> {
     /// Reads the next request head and decides what to do with it (taking it uses its bytes;
     /// handing off or refusing uses nothing). `Err`: the client closed or the connection
     /// failed.
@@ -257,16 +332,20 @@ impl Connection {
         close: bool,
     ) -> Result<bool, Failure> {
         let timeouts = self.relay.timeouts;
-        let mut backend = match self.backend.take() {
-            Some(backend) if backend.is_usable() => backend,
-            _ => self.relay.backend.connect(timeouts).await?,
+        let reusable = self
+            .backend
+            .take()
+            .and_then(|mut backend| backend.stream.is_idle_and_open().then_some(backend));
+        let mut backend = match reusable {
+            Some(backend) => backend,
+            None => self.connect().await?,
         };
         let (keep_alive, backend_reusable) = if body_length == 0 {
             let mut answer = backend.ask(&head, asked, timeouts).await;
             // The backend may have closed a kept-alive connection while it was idle: a request
             // that has no body and can be repeated is sent again, once, on a new connection.
             if matches!(answer, Ok(None)) && backend.answered && is_idempotent(method) {
-                backend = self.relay.backend.connect(timeouts).await?;
+                backend = self.connect().await?;
                 answer = backend.ask(&head, asked, timeouts).await;
             }
             let response = match answer {
@@ -280,8 +359,8 @@ impl Connection {
             if response.switching {
                 return self.tunnel(backend, response.head).await;
             }
-            let (_, mut client_write) = self.client.split();
-            let (mut backend_read, _) = backend.stream.split();
+            let (_, mut client_write) = self.client.halves();
+            let (mut backend_read, _) = backend.stream.halves();
             let answered = relay_response(
                 response,
                 close,
@@ -308,7 +387,7 @@ impl Connection {
     /// HTTP, so it is not checked again (a token revoked mid-session ends nothing).
     async fn tunnel(
         &mut self,
-        mut backend: BackendConnection,
+        mut backend: BackendConnection<K::Stream>,
         mut head: Vec<u8>,
     ) -> Result<bool, Failure> {
         head.extend_from_slice(b"\r\n");
@@ -339,7 +418,7 @@ impl Connection {
     /// Returns whether the client and the backend connection stay open.
     async fn forward_with_body(
         &mut self,
-        backend: &mut BackendConnection,
+        backend: &mut BackendConnection<K::Stream>,
         asked: Asked<'_>,
         head: &[u8],
         body_length: u64,
@@ -355,8 +434,8 @@ impl Connection {
             return Err(Failure::Answer(StatusCode::BAD_GATEWAY));
         }
         let mut rest = body_length - in_buffer as u64;
-        let (mut client_read, mut client_write) = self.client.split();
-        let (mut backend_read, mut backend_write) = backend.stream.split();
+        let (mut client_read, mut client_write) = self.client.halves();
+        let (mut backend_read, mut backend_write) = backend.stream.halves();
         let buffer = &mut self.buffer;
         let send_body = async {
             while rest > 0 {
@@ -487,8 +566,21 @@ impl Connection {
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
+    /// A new connection to the backend, within `backend_connect`.
+    async fn connect(&self) -> io::Result<BackendConnection<K::Stream>> {
+        let connecting = self.relay.connector.connect();
+        let stream = tokio::time::timeout(self.relay.timeouts.backend_connect, connecting)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        Ok(BackendConnection {
+            stream,
+            buffer: BytesMut::with_capacity(BUFFER),
+            answered: false,
+        })
+    }
+
     /// The client connection and what was read from it but not used, for hyper.
-    fn hand_off(self) -> Replay {
+    fn hand_off(self) -> Replay<C> {
         Replay {
             buffered: self.buffer.freeze(),
             stream: self.client,
@@ -576,23 +668,9 @@ impl Backend {
         out.extend_from_slice(b"\r\n");
         out
     }
-
-    /// A new connection to the backend, within `backend_connect`.
-    async fn connect(&self, timeouts: Timeouts) -> io::Result<BackendConnection> {
-        let stream =
-            tokio::time::timeout(timeouts.backend_connect, TcpStream::connect(self.address()))
-                .await
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        stream.set_nodelay(true)?;
-        Ok(BackendConnection {
-            stream,
-            buffer: BytesMut::with_capacity(BUFFER),
-            answered: false,
-        })
-    }
 }
 
-impl BackendConnection {
+impl<S: Stream> BackendConnection<S> {
     /// Sends a request head (of a request with no body) and reads the final response head,
     /// within `backend_response`. `Ok(None)`: the backend closed the connection without
     /// answering.
@@ -605,7 +683,7 @@ impl BackendConnection {
         if self.stream.write_all(head).await.is_err() {
             return Ok(None);
         }
-        let (mut read, _) = self.stream.split();
+        let (mut read, _) = self.stream.halves();
         let mut informational = Vec::new();
         let final_head = tokio::time::timeout(
             timeouts.backend_response,
@@ -623,13 +701,6 @@ impl BackendConnection {
                 head
             })
         })
-    }
-
-    /// Whether a kept-alive connection still looks open: the backend has not closed it or
-    /// written anything unasked. Costs no system call while nothing has arrived.
-    fn is_usable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -707,14 +778,14 @@ impl Service<Request<()>> for Pass {
 }
 
 /// A client connection handed to hyper: first the bytes the relay read and did not use, then
-/// the socket.
+/// the stream.
 #[derive(Debug)]
-pub(crate) struct Replay {
+pub(crate) struct Replay<C> {
     buffered: Bytes,
-    stream: TcpStream,
+    stream: C,
 }
 
-impl AsyncRead for Replay {
+impl<C: AsyncRead + Unpin> AsyncRead for Replay<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -730,7 +801,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<C: AsyncWrite + Unpin> AsyncWrite for Replay<C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -759,3 +830,6 @@ impl AsyncWrite for Replay {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

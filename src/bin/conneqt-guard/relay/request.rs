@@ -157,7 +157,8 @@ fn admit_or_refuse(parsed: &httparse::Request<'_, '_>) -> Result<Admission, Refu
     }
     let target = parsed.path.unwrap_or_default();
     let uri = if target.starts_with('/') {
-        Uri::try_from(target).map_err(|_| Refusal::malformed("The request target is not a URI path."))?
+        Uri::try_from(target)
+            .map_err(|_| Refusal::malformed("The request target is not a URI path."))?
     } else if (target == "*" && method == Method::OPTIONS)
         || target.starts_with("http://")
         || target.starts_with("https://")

@@ -58,7 +58,10 @@ impl ResponseHead {
 /// The client's view of a backend response head. An error is a response the relay refuses
 /// to pass on (`502`): a `101` nobody asked for, a transfer coding other than `chunked`, a
 /// `Content-Length` that is not one plain number up to 2^53 − 1.
-fn response_head(parsed: &httparse::Response<'_, '_>, asked: Asked<'_>) -> io::Result<ResponseHead> {
+fn response_head(
+    parsed: &httparse::Response<'_, '_>,
+    asked: Asked<'_>,
+) -> io::Result<ResponseHead> {
     let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
         return Err(invalid("incomplete status line from the backend"));
     };
@@ -288,7 +291,8 @@ mod tests {
             head: true,
             upgrade: None,
         };
-        let to_head = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", head).unwrap();
+        let to_head =
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", head).unwrap();
         assert!(matches!(to_head.framing, Framing::Length(0)));
         assert_eq!(
             finished(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", head, true),
