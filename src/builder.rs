@@ -418,9 +418,23 @@ impl AccessTokenLayerBuilder {
     /// The prefix matches whole path segments: `/health` skips `/health` and `/health/live` but
     /// **not** `/healthcheck-admin`; a prefix ending in `/`, such as `/health/`, skips only what
     /// is below it. The path is compared as the layer sees it (inside `Router::nest`, the
-    /// part below the nest point), byte for byte and without percent-decoding; a path with
-    /// `.` or `..` segments is never skipped. `build()` refuses a prefix that is empty, does
-    /// not start with `/`, is `/` alone, or contains spaces, `?`, `#`, `*` or dot segments.
+    /// part below the nest point), byte for byte and case-sensitively: `/Health` and
+    /// `/%68ealth` are not `/health`, and are verified.
+    ///
+    /// **Ambiguous paths fail closed.** A path is skipped only if *every* common reading of it
+    /// stays below the prefix: the path as sent, percent-decoded once and twice, each also with
+    /// `\` read as `/` (Windows-style backends) and with `;` parameters dropped from each
+    /// segment (Tomcat, Jetty: `/a;x=1/b` is `/a/b`). A reading with a `.` or `..` segment or
+    /// a control byte (such as a decoded `%00`), or a path still percent-encoded after two
+    /// decodings, does not stay below it. So with `skip_path_prefix("/public")`,
+    /// `/public/..;/secret`, `/public/..%2fsecret` and `/public/..\secret` are verified like
+    /// any other request (not rejected: just not skipped), while `/public/v1.2/x` and
+    /// `/public/a%20b` are skipped. A path with no `%`, `\`, `;` or control byte has no other
+    /// reading and is checked as sent, without allocating.
+    ///
+    /// `build()` refuses a prefix that is empty, does not start with `/`, is `/` alone, or
+    /// contains spaces, `?`, `#`, `*`, or dot segments or control characters in any of the
+    /// readings above (such a prefix could never skip anything).
     ///
     /// A skipped request reaches your service **without** a [`VerifiedToken`](crate::VerifiedToken),
     /// even if it carries a token (which is not verified), and costs no upstream call: handlers

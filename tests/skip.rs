@@ -75,6 +75,111 @@ async fn paths_outside_the_prefix_lookalikes_and_dot_segments_are_still_401() {
     assert_eq!(h.upstream_calls(), 0);
 }
 
+/// Paths below `/public` that Tomcat/Jetty (`;` parameters), decode-first routers or
+/// Windows-style backends would serve from outside it.
+const AMBIGUOUS: &[&str] = &[
+    "/public/..;/secret",
+    "/public/..%2fsecret",
+    "/public/%2e%2e%2fsecret",
+    "/public/..\\secret",
+    "/public/%252e%252e/secret",
+    "/public/.%00./secret",
+    "/public/..%2Fsecret",
+    "/public/..%5Csecret",
+    "/public/..%3b/secret",
+    "/public/..;jsessionid=1/secret",
+    "/public/%25252e%25252e/secret",
+    "/public/x%0d%0aSet-Cookie:%20a=b",
+];
+
+/// `GET target` on a fresh HTTP/1.1 connection through hyper's connection API, which writes the
+/// request target byte for byte (reqwest resolves `..` and turns `\` into `/` before sending).
+/// Returns the status and the JSON body (a [`Probe`] or a problem).
+async fn get_as_sent(
+    addr: std::net::SocketAddr,
+    target: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let uri: http::Uri = target.parse().expect("a valid request target");
+    assert_eq!(uri.path(), target, "the URI keeps the path as written");
+    let mut request = http::Request::get(uri).header("host", addr.to_string());
+    if let Some(token) = token {
+        request = request.header(TOKEN_HEADER, token);
+    }
+    let response = sender
+        .send_request(request.body(Empty::<bytes::Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    drop(sender);
+    connection.await.unwrap().unwrap();
+    let body = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{target}: a JSON body ({e}): {body:?}"));
+    (status, body)
+}
+
+#[tokio::test]
+async fn an_ambiguous_path_below_a_skipped_prefix_is_verified_like_any_other() {
+    let h = start_probe_with(|b| b.skip_path_prefix("/public")).await;
+
+    for target in AMBIGUOUS {
+        let (status, body) = get_as_sent(h.app.addr, target, None).await;
+        assert_eq!(status, 401, "{target}: {body}");
+        assert_eq!(
+            body["type"], "tag:conneqt-guard,2026:missing-token",
+            "{target}"
+        );
+        assert_eq!(h.inner_calls(), 0, "{target} reached the inner service");
+    }
+    assert_eq!(
+        h.upstream_calls(),
+        0,
+        "a missing token costs no upstream call"
+    );
+
+    // Plain paths below the prefix are still skipped, and arrive as sent (not decoded or
+    // normalised), so the ambiguous ones above were judged on their exact bytes too.
+    for target in ["/public/x", "/public/a%20b", "/public/...x"] {
+        let (status, body) = get_as_sent(h.app.addr, target, None).await;
+        assert_eq!(status, 200, "{target}: {body}");
+        let seen: Probe = serde_json::from_value(body).unwrap();
+        assert_eq!(seen.path, *target);
+        assert_eq!(seen.verified_token, None, "{target}");
+    }
+    assert_eq!(h.inner_calls(), 3);
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_ambiguous_path_with_a_good_token_reaches_the_service_verified_and_unchanged() {
+    let h = start_probe_with(|b| b.skip_path_prefix("/public")).await;
+    let token = h.simulator.issue_token();
+
+    for target in AMBIGUOUS {
+        let (status, body) = get_as_sent(h.app.addr, target, Some(&token)).await;
+        assert_eq!(status, 200, "{target}");
+        let seen: Probe = serde_json::from_value(body).unwrap();
+        assert_eq!(seen.path, *target, "the service sees the path as sent");
+        // Compared without printing the token on failure.
+        assert!(
+            seen.verified_token.as_deref() == Some(token.as_str()),
+            "{target}: no VerifiedToken, so the request was skipped"
+        );
+    }
+
+    assert_eq!(h.inner_calls(), AMBIGUOUS.len());
+    assert_eq!(h.simulator.verify_calls_for(&token), 1, "then cache hits");
+}
+
 #[tokio::test]
 async fn a_skip_if_predicate_lets_matching_requests_through_and_guards_the_rest() {
     let h = start_probe_with(|b| {
