@@ -21,7 +21,8 @@
 //! - each of those with `\` read as `/`, and with `;` parameters dropped from each segment
 //!   (`/a;x=1/b` is `/a/b`), in any combination.
 //!
-//! A reading with a `.` or `..` segment, or with a control byte (0x00–0x1F, 0x7F, e.g. from
+//! A reading with a `.` or `..` segment (or a segment of dots and spaces that starts with a
+//! dot, such as `...` or `.. `, which Win32 path handling trims to one), or with a control byte (0x00–0x1F, 0x7F, e.g. from
 //! `%00`), does not stay below the prefix, and neither does a path that is still
 //! percent-encoded after two decodings (`/public/%25252e%25252e/x`). So with the prefix
 //! `/public`, `/public/..;/secret`, `/public/..%2fsecret`, `/public/%252e%252e/secret`,
@@ -271,8 +272,11 @@ fn is_plain(reading: &[u8]) -> bool {
         })
 }
 
+/// `.` and `..`, and any other segment of dots and spaces that starts with a dot (`...`,
+/// `.. `): Win32 path handling strips trailing dots and spaces, so a Windows-style backend
+/// reads those as `.` or `..` too.
 fn is_dot_segment(segment: &[u8]) -> bool {
-    segment == b"." || segment == b".."
+    segment.first() == Some(&b'.') && segment.iter().all(|&b| b == b'.' || b == b' ')
 }
 
 /// `OPTIONS` with an `Access-Control-Request-Method` header, as browsers send before a
@@ -338,6 +342,10 @@ mod tests {
             "/health/%2e%2e/messages",
             "/health/%2E./messages",
             "/health/.%2e",
+            // Windows-style backends strip trailing dots and spaces: `...` and `.. ` are `..`.
+            "/health/.../messages",
+            "/health/..%20/messages",
+            "/health/.%20./messages",
         ] {
             assert!(!path_matches("/health", path), "{path}");
         }
