@@ -8,8 +8,9 @@ mod sidecar;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use conneqt_guard::ConnectionStatus;
 use conneqt_guard::simulator::{Fault, Simulator};
-use sidecar::{Backend, Sidecar};
+use sidecar::{Backend, Exited, Sidecar};
 use support::{TOKEN_HEADER, client, problem};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -363,19 +364,71 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     assert!(!metrics.contains(&token));
 }
 
+/// A port that was free a moment ago: nothing listens there.
+async fn closed_port() -> std::net::SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Asserts that a run printed no `listening on` line (the simulator's, the admin's or the
+/// listener's): it bound nothing a client could reach.
+fn assert_never_listened(exited: &Exited) {
+    assert!(
+        !exited.stdout.contains("listening on"),
+        "stdout {:?}, stderr:\n{}",
+        exited.stdout,
+        exited.stderr
+    );
+}
+
 #[tokio::test]
-async fn readiness_is_503_with_the_reason_when_conneqt_refuses_the_key() {
+async fn a_key_conneqt_refuses_exits_1_at_start_up_with_the_reason_and_never_listens() {
     let sim = Simulator::start().await.unwrap();
-    let backend = Backend::start().await;
-    let (base_url, backend_url) = (sim.base_url(), backend.url());
+    let base_url = sim.base_url();
+    let cases = [
+        ("sekrit-wrong-key", ConnectionStatus::KeyRejected),
+        (
+            sim.unauthorised_api_key(),
+            ConnectionStatus::KeyNotAuthorised,
+        ),
+    ];
+    for (key, status) in cases {
+        for mode in [
+            &["proxy", "--backend", "http://127.0.0.1:9"][..],
+            &["forward-auth"],
+        ] {
+            let mut args = mode.to_vec();
+            args.extend(["--base-url", &base_url, "--api-key", key]);
+            let exited = Sidecar::run_to_exit(&args, &[]).await;
+            assert_eq!(exited.status.code(), Some(1), "{mode:?}: {}", exited.stderr);
+            let expected = format!("error: cannot start: {status}");
+            assert!(
+                exited.stderr.contains(&expected),
+                "{mode:?}: {expected:?} missing in:\n{}",
+                exited.stderr
+            );
+            assert!(!exited.stderr.contains(key), "{mode:?}: the key was shown");
+            assert_never_listened(&exited);
+        }
+    }
+    assert_eq!(sim.verify_calls(), 0, "the start-up check spends no token");
+}
+
+#[tokio::test]
+async fn an_upstream_that_cannot_be_reached_at_start_up_is_no_reason_not_to_start() {
+    let closed = closed_port().await;
+    let base_url = format!("http://{closed}");
     let proxy = Sidecar::start(&[
         "proxy",
         "--backend",
-        &backend_url,
+        "http://127.0.0.1:9",
         "--base-url",
         &base_url,
         "--api-key",
-        sim.unauthorised_api_key(),
+        "sekrit-key",
     ])
     .await;
     let ready = client()
@@ -385,8 +438,193 @@ async fn readiness_is_503_with_the_reason_when_conneqt_refuses_the_key() {
         .unwrap();
     assert_eq!(ready.status(), 503);
     let reason = ready.text().await.unwrap();
-    assert!(reason.contains("not authorised"), "{reason}");
-    assert!(!reason.contains(sim.unauthorised_api_key()));
+    assert!(reason.contains("could not be checked"), "{reason}");
+    assert!(!reason.contains("sekrit-key"), "{reason}");
+    // It serves: a token it cannot verify is the guard's 503, not a refused connection.
+    let response = client()
+        .get(proxy.url("/"))
+        .header(TOKEN_HEADER, uuid::Uuid::new_v4().to_string())
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, 503).await;
+    assert_eq!(body["type"], "tag:conneqt-guard,2026:upstream-unavailable");
+}
+
+#[tokio::test]
+async fn the_simulator_switch_with_an_upstream_is_a_usage_error_even_from_the_environment() {
+    /// Extra flags, environment, and the flag the error names beside `--simulator`.
+    type Case = (
+        &'static [&'static str],
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+    let backend = ["proxy", "--backend", "http://127.0.0.1:9"];
+    let cases: [Case; 4] = [
+        (
+            &["--simulator", "--base-url", "https://int.conneqt.health"],
+            &[],
+            "--base-url",
+        ),
+        (
+            &["--api-key", "sekrit-key", "--simulator"],
+            &[],
+            "--api-key",
+        ),
+        (
+            &["--simulator"],
+            &[("CONNEQT_BASE_URL", "https://int.conneqt.health")],
+            "--base-url",
+        ),
+        (
+            &["--simulator"],
+            &[("CONNEQT_API_KEY", "sekrit-key")],
+            "--api-key",
+        ),
+    ];
+    for (extra, env, named) in cases {
+        let args: Vec<&str> = backend.iter().chain(extra).copied().collect();
+        let exited = Sidecar::run_to_exit(&args, env).await;
+        assert_eq!(
+            exited.status.code(),
+            Some(2),
+            "{args:?} {env:?}: {}",
+            exited.stderr
+        );
+        let stderr = &exited.stderr;
+        assert!(stderr.contains("cannot be used with"), "{stderr}");
+        assert!(
+            stderr.contains("--simulator") && stderr.contains(named),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("sekrit-key"), "the key was shown");
+        assert_never_listened(&exited);
+    }
+}
+
+#[tokio::test]
+async fn a_bad_backend_exits_1_with_its_message_before_anything_listens() {
+    let cases = [
+        ("ftp://127.0.0.1:3000", "must start with http://"),
+        ("http://exa mple", "is not a URL"),
+        (
+            "http://user:pw@127.0.0.1:3000",
+            "must not contain credentials",
+        ),
+    ];
+    for (backend, expected) in cases {
+        for mode in [
+            &["--simulator"][..],
+            &["--base-url", "http://127.0.0.1:9", "--api-key", "k"],
+        ] {
+            let mut args = vec!["proxy", "--backend", backend];
+            args.extend_from_slice(mode);
+            let exited = Sidecar::run_to_exit(&args, &[]).await;
+            assert_eq!(exited.status.code(), Some(1), "{args:?}: {}", exited.stderr);
+            assert!(
+                exited.stderr.contains("error: --backend") && exited.stderr.contains(expected),
+                "{args:?}: {}",
+                exited.stderr
+            );
+            assert_never_listened(&exited);
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_as_soon_as_listening_on_is_printed_is_a_clean_exit_0() {
+    let sim = Simulator::start().await.unwrap();
+    let base_url = sim.base_url();
+    for round in 0..6 {
+        let mut sidecar = if round % 2 == 0 {
+            Sidecar::proxy(&sim, "http://127.0.0.1:9", &[]).await
+        } else {
+            Sidecar::start(&[
+                "forward-auth",
+                "--base-url",
+                &base_url,
+                "--api-key",
+                sim.api_key(),
+            ])
+            .await
+        };
+        sidecar.terminate();
+        let status = sidecar.exit_status().await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: {status:?}: {}",
+            sidecar.stderr()
+        );
+    }
+}
+
+const TIMEOUT_FLAGS: [&str; 5] = [
+    "--request-head-timeout",
+    "--request-body-timeout",
+    "--backend-connect-timeout",
+    "--backend-response-timeout",
+    "--backend-body-timeout",
+];
+
+#[tokio::test]
+async fn each_timeout_flag_refuses_zero_naming_itself_and_takes_other_durations() {
+    for flag in TIMEOUT_FLAGS {
+        for zero in ["0s", "0ms"] {
+            let args = [
+                "proxy",
+                "--backend",
+                "http://127.0.0.1:9",
+                "--simulator",
+                flag,
+                zero,
+            ];
+            let exited = Sidecar::run_to_exit(&args, &[]).await;
+            assert_eq!(exited.status.code(), Some(2), "{args:?}: {}", exited.stderr);
+            assert!(
+                exited.stderr.contains(flag) && exited.stderr.contains("more than zero"),
+                "{args:?}: {}",
+                exited.stderr
+            );
+            assert_never_listened(&exited);
+        }
+        // The same refusal from the environment variable.
+        let variable = format!(
+            "CONNEQT_GUARD_{}",
+            flag.trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase()
+        );
+        let args = ["proxy", "--backend", "http://127.0.0.1:9", "--simulator"];
+        let exited = Sidecar::run_to_exit(&args, &[(&variable, "0s")]).await;
+        assert_eq!(
+            exited.status.code(),
+            Some(2),
+            "{variable}: {}",
+            exited.stderr
+        );
+        assert!(
+            exited.stderr.contains(flag),
+            "{variable}: {}",
+            exited.stderr
+        );
+    }
+
+    // Durations above zero are taken, and the proxy serves.
+    let mut extra = Vec::new();
+    for (flag, value) in TIMEOUT_FLAGS.iter().zip(["5s", "10s", "500ms", "1m", "2m"]) {
+        extra.extend([*flag, value]);
+    }
+    let setup = start(&extra).await;
+    let token = setup.sim.issue_token();
+    let response = client()
+        .get(setup.proxy.url("/"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "hello from the backend");
 }
 
 #[tokio::test]
@@ -479,6 +717,17 @@ async fn help_documents_every_setting_and_its_default_and_never_shows_the_api_ke
         "--shutdown-timeout",
         "[default: 10s]",
         "--simulator",
+        "--request-head-timeout",
+        "CONNEQT_GUARD_REQUEST_HEAD_TIMEOUT",
+        "--request-body-timeout",
+        "CONNEQT_GUARD_REQUEST_BODY_TIMEOUT",
+        "--backend-connect-timeout",
+        "CONNEQT_GUARD_BACKEND_CONNECT_TIMEOUT",
+        "--backend-response-timeout",
+        "CONNEQT_GUARD_BACKEND_RESPONSE_TIMEOUT",
+        "--backend-body-timeout",
+        "CONNEQT_GUARD_BACKEND_BODY_TIMEOUT",
+        "[default: 60s]",
     ] {
         assert!(help.contains(expected), "{expected} missing in:\n{help}");
     }

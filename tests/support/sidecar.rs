@@ -171,6 +171,44 @@ impl Sidecar {
     }
 }
 
+/// A run of the binary that ended by itself: how, and everything it printed.
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Sidecar {
+    /// Runs the binary with `args` as [`Sidecar::spawn`] does (same listen flags and
+    /// environment), plus the variables in `env`, and waits for it to exit by itself (killed,
+    /// and a panic, if it has not within the line timeout).
+    pub async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> Exited {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conneqt-guard"));
+        command.args(args);
+        if matches!(args.first(), Some(&"proxy" | &"forward-auth")) {
+            command.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        }
+        command
+            .env("RUST_LOG", "conneqt_guard=debug,warn")
+            .env_remove("CONNEQT_BASE_URL")
+            .env_remove("CONNEQT_API_KEY")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(LINE_TIMEOUT, command.output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("conneqt-guard {args:?} still running after {LINE_TIMEOUT:?}")
+            })
+            .expect("the conneqt-guard binary starts");
+        Exited {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
 /// A counting axum backend on 127.0.0.1:0.
 pub struct Backend {
     pub addr: SocketAddr,

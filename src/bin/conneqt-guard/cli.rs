@@ -50,8 +50,43 @@ pub(crate) struct ProxyArgs {
     /// `listening on ADDR`).
     #[arg(long, env = "CONNEQT_GUARD_LISTEN", default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
+    /// How long a client connection may stay idle between two requests, and may take to send a
+    /// whole request head (nginx `client_header_timeout`). More than zero.
+    #[arg(long, env = "CONNEQT_GUARD_REQUEST_HEAD_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) request_head_timeout: HumanDuration,
+    /// How long a client may stay idle between two reads of a request body (nginx
+    /// `client_body_timeout`); then `408`, or a close once the answer has started. More than
+    /// zero.
+    #[arg(long, env = "CONNEQT_GUARD_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) request_body_timeout: HumanDuration,
+    /// How long connecting to the backend may take (nginx `proxy_connect_timeout`); then `504`.
+    /// More than zero.
+    #[arg(long, env = "CONNEQT_GUARD_BACKEND_CONNECT_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) backend_connect_timeout: HumanDuration,
+    /// How long the backend may take from the request sent to its response head (nginx
+    /// `proxy_read_timeout`); then `504`. More than zero.
+    #[arg(long, env = "CONNEQT_GUARD_BACKEND_RESPONSE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) backend_response_timeout: HumanDuration,
+    /// How long the backend may stay idle between two reads of a response body (nginx
+    /// `proxy_read_timeout`); then the client's connection is closed, as the answer has
+    /// started. More than zero.
+    #[arg(long, env = "CONNEQT_GUARD_BACKEND_BODY_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub(crate) backend_body_timeout: HumanDuration,
     #[command(flatten)]
     pub(crate) common: Common,
+}
+
+impl ProxyArgs {
+    /// The proxy's timeouts from their flags.
+    pub(crate) fn timeouts(&self) -> crate::proxy::Timeouts {
+        crate::proxy::Timeouts {
+            request_head: self.request_head_timeout.0,
+            request_body: self.request_body_timeout.0,
+            backend_connect: self.backend_connect_timeout.0,
+            backend_response: self.backend_response_timeout.0,
+            backend_body: self.backend_body_timeout.0,
+        }
+    }
 }
 
 /// Settings of `forward-auth`.
@@ -139,9 +174,11 @@ pub(crate) struct Common {
     /// After SIGTERM or SIGINT: how long in-flight requests may take to finish.
     #[arg(long, env = "CONNEQT_GUARD_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(Duration::from_secs(10)))]
     pub(crate) shutdown_timeout: HumanDuration,
-    /// Start the embedded Conneqt simulator and verify against it (ignores `--base-url` and
-    /// `--api-key`); prints a valid and a revoked token to try. For demos and tests only.
-    #[arg(long)]
+    /// Start the embedded Conneqt simulator and verify against it; prints a valid and a revoked
+    /// token to try. For demos and tests only. Cannot be combined with `--base-url` or
+    /// `--api-key`, also when they come from `CONNEQT_BASE_URL` or `CONNEQT_API_KEY`: unset
+    /// those to use the simulator.
+    #[arg(long, conflicts_with_all = ["base_url", "api_key"])]
     pub(crate) simulator: bool,
 }
 
@@ -219,6 +256,15 @@ impl FromStr for HumanDuration {
     }
 }
 
+/// A [`HumanDuration`] that must be more than zero (clap names the flag in the error).
+fn positive_duration(text: &str) -> Result<HumanDuration, String> {
+    let duration: HumanDuration = text.parse()?;
+    if duration.0.is_zero() {
+        return Err("must be more than zero".to_owned());
+    }
+    Ok(duration)
+}
+
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let millis = self.0.as_millis();
@@ -279,6 +325,77 @@ mod tests {
             assert_eq!(HumanDuration(duration).to_string(), shown);
             assert_eq!(parse(shown), Ok(duration));
         }
+    }
+
+    fn proxy_args(extra: &[&str]) -> Result<ProxyArgs, clap::Error> {
+        let args = [
+            "conneqt-guard",
+            "proxy",
+            "--backend",
+            "http://127.0.0.1:3000",
+        ];
+        let cli = Cli::try_parse_from(args.iter().chain(extra))?;
+        match cli.mode {
+            Mode::Proxy(args) => Ok(args),
+            Mode::ForwardAuth(_) => unreachable!("parsed `proxy`"),
+        }
+    }
+
+    #[test]
+    fn the_timeout_flags_fill_the_proxys_timeouts_and_default_to_a_minute() {
+        // `--help` shows `[default: 60s]`; the value is `Timeouts::default()`'s.
+        assert_eq!(
+            proxy_args(&[]).unwrap().timeouts(),
+            crate::proxy::Timeouts::default()
+        );
+        let args = proxy_args(&[
+            "--request-head-timeout",
+            "1s",
+            "--request-body-timeout",
+            "2s",
+            "--backend-connect-timeout",
+            "3s",
+            "--backend-response-timeout",
+            "4s",
+            "--backend-body-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        let timeouts = args.timeouts();
+        assert_eq!(timeouts.request_head, Duration::from_secs(1));
+        assert_eq!(timeouts.request_body, Duration::from_secs(2));
+        assert_eq!(timeouts.backend_connect, Duration::from_secs(3));
+        assert_eq!(timeouts.backend_response, Duration::from_secs(4));
+        assert_eq!(timeouts.backend_body, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_zero_timeout_is_a_usage_error_naming_the_flag() {
+        for flag in [
+            "--request-head-timeout",
+            "--request-body-timeout",
+            "--backend-connect-timeout",
+            "--backend-response-timeout",
+            "--backend-body-timeout",
+        ] {
+            let error = proxy_args(&[flag, "0ms"]).unwrap_err();
+            assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+            let message = error.to_string();
+            assert!(message.contains(flag), "{message}");
+            assert!(message.contains("more than zero"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_simulator_switch_conflicts_with_an_upstream() {
+        for extra in [
+            &["--simulator", "--base-url", "https://int.conneqt.health"][..],
+            &["--api-key", "k", "--simulator"],
+        ] {
+            let error = proxy_args(extra).unwrap_err();
+            assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
+        }
+        assert!(proxy_args(&["--simulator"]).unwrap().common.simulator);
     }
 
     #[test]

@@ -12,12 +12,16 @@
 //!
 //! It prints `listening on ADDR` and `admin listening on ADDR` on stdout once it accepts
 //! connections, and `stopped accepting on ADDR` when a SIGTERM or SIGINT starts the graceful
-//! stop. A setting that is wrong makes it exit with status 1 and the library's `BuildError`
-//! message, which names the setting. Built only with the `sidecar` feature (on by default).
+//! stop. A flag it cannot parse (or `--simulator` with `--base-url` or `--api-key`) is a usage
+//! error, status 2. A setting that is wrong makes it exit with status 1 and the library's
+//! `BuildError` message, which names the setting, before it listens; so does an API key
+//! Conneqt refuses at the start-up check (`check_connection`), while an upstream that cannot be
+//! reached only logs a warning. Built only with the `sidecar` feature (on by default).
 
 mod admin;
 mod cli;
 mod forward_auth;
+mod http1;
 mod proxy;
 mod relay;
 mod server;
@@ -27,6 +31,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use conneqt_guard::ConnectionStatus;
 use conneqt_guard::simulator::Simulator;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,11 +70,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    // First of all, so that a SIGTERM as soon as `listening on` is printed is a graceful stop,
+    // not the default action (death by signal).
+    let shutdown = server::shutdown_signal();
     let common = match &cli.mode {
         Mode::Proxy(args) => &args.common,
         Mode::ForwardAuth(args) => &args.common,
     };
+    // Checked before anything is started (the simulator included) or bound.
+    let proxy_setup = match &cli.mode {
+        Mode::Proxy(args) => Some((
+            Arc::new(proxy::parse_backend(&args.backend)?),
+            args.timeouts(),
+        )),
+        Mode::ForwardAuth(_) => None,
+    };
     let (_simulator, guard) = guard(common).await?;
+    check_connection(&guard).await?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
@@ -85,17 +102,15 @@ async fn run(cli: Cli) -> Result<(), String> {
 
     let admin = admin::Admin::new(guard.clone(), metrics);
     let admin_task = tokio::spawn(server::serve(admin_listener, admin, stopped.clone(), grace));
-    let frontend = match &cli.mode {
-        Mode::Proxy(args) => {
-            let backend = Arc::new(proxy::parse_backend(&args.backend)?);
-            Frontend::Proxy(Box::new((
-                relay::Relay::new(&guard, backend.clone()),
-                tower_layer::Layer::layer(&guard, proxy::Forwarder::new(backend)),
-            )))
-        }
-        Mode::ForwardAuth(_) => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(
-            tower_layer::Layer::layer(&guard, forward_auth::Allow),
-        )),
+    let frontend = match proxy_setup {
+        Some((backend, timeouts)) => Frontend::Proxy(Box::new((
+            relay::Relay::new(&guard, backend.clone(), timeouts),
+            tower_layer::Layer::layer(&guard, proxy::Forwarder::new(backend, timeouts)),
+        ))),
+        None => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(tower_layer::Layer::layer(
+            &guard,
+            forward_auth::Allow,
+        ))),
     };
     let (workers, finished) = start_workers(&frontend, common.workers(), &stopped, grace)?;
     let acceptor = tokio::spawn(server::accept(listener, stopped, {
@@ -111,7 +126,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     }));
     tracing::info!(mode = name, "conneqt-guard started");
 
-    server::shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutdown signal: finishing in-flight requests");
     let _ = stop.send(true);
     // The acceptor drops the workers' senders when it stops, which starts their graceful stop.
@@ -225,6 +240,27 @@ async fn guard(
     };
     let guard = builder.build().map_err(|error| error.to_string())?;
     Ok((simulator, guard))
+}
+
+/// The start-up check (`/api/v1/test`): a key Conneqt refuses is fatal, since every request
+/// would be refused; an upstream that cannot be reached now may be later, so the guard starts
+/// (with `/readyz` reporting 503 until it answers).
+async fn check_connection(guard: &conneqt_guard::AccessTokenLayer) -> Result<(), String> {
+    match guard.check_connection().await {
+        status @ ConnectionStatus::Ok => {
+            tracing::info!("start-up check: {status}");
+            Ok(())
+        }
+        status @ (ConnectionStatus::KeyRejected | ConnectionStatus::KeyNotAuthorised) => {
+            Err(format!("cannot start: {status}"))
+        }
+        status => {
+            tracing::warn!(
+                "start-up check: {status}; starting anyway, /readyz answers 503 until it succeeds"
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener, String> {

@@ -252,21 +252,42 @@ async fn log_end<E: std::fmt::Display>(connection: impl Future<Output = Result<(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub(crate) async fn shutdown_signal() {
+/// Listens for SIGTERM and SIGINT (Ctrl-C) from the moment it is called, so call it before
+/// announcing anything: a signal that arrives before the returned future is awaited is kept,
+/// not fatal. The future resolves on the first of them.
+pub(crate) fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                return;
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for {name}");
+                None
             }
-            Err(error) => tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops"),
+        };
+        let terminate = listen(SignalKind::terminate(), "SIGTERM");
+        let interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        async fn next(stream: Option<Signal>) {
+            match stream {
+                Some(mut stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        async move {
+            tokio::select! {
+                () = next(terminate) => {}
+                () = next(interrupt) => {}
+            }
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(not(unix))]
+    {
+        let ctrl_c = tokio::signal::ctrl_c();
+        async move {
+            let _ = ctrl_c.await;
+        }
+    }
 }
