@@ -188,7 +188,7 @@ async fn unusable_x_forwarded_headers_get_400_without_asking_the_upstream() {
     let sim = Simulator::start().await.unwrap();
     let guard = start_skipping_guard(&sim).await;
     let token = sim.issue_token();
-    let cases: [&[(&str, &str)]; 6] = [
+    let cases: [&[(&str, &str)]; 7] = [
         &[("x-forwarded-uri", "healthz")],
         &[("x-forwarded-uri", "http://example.org/healthz")],
         &[("x-forwarded-uri", "/healthz#top")],
@@ -201,6 +201,12 @@ async fn unusable_x_forwarded_headers_get_400_without_asking_the_upstream() {
             ("x-forwarded-uri", "/healthz"),
         ],
         &[("x-forwarded-method", "GET"), ("x-forwarded-method", "GET")],
+        // An alias of the token header, which the proxy would pass on to the backend next to
+        // the verified one.
+        &[(
+            "conneqt_instant_access_token",
+            "123e4567-e89b-12d3-a456-426614174000",
+        )],
     ];
     for headers in cases {
         // With a valid token too: nothing is verified for a request the guard cannot name.

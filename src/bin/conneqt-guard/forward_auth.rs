@@ -25,6 +25,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Empty, Full};
 use tower_service::Service;
 
+use crate::http1;
+use crate::proxy::problem_json;
+
 /// The token's fingerprint (a keyed hash, never the token), for the proxy to pass on.
 pub(crate) const FINGERPRINT_HEADER: HeaderName =
     HeaderName::from_static("x-conneqt-token-fingerprint");
@@ -128,6 +131,18 @@ where
 /// sub-request's own (Envoy sends the original method and path as the sub-request's). Checks
 /// both headers before changing anything; the error is the problem's `detail`.
 fn use_original_request<B>(request: &mut Request<B>) -> Result<(), &'static str> {
+    // The proxy forwards the original request's headers to the backend, aliases included:
+    // one that a CGI-style backend reads as the token would be a token nobody verified.
+    if request
+        .headers()
+        .keys()
+        .any(|name| http1::aliases_token(name.as_str().as_bytes()))
+    {
+        return Err(
+            "A header spelt like the token header with '_' is not accepted: \
+                    some backends read it as the token.",
+        );
+    }
     let method = match single(request.headers(), &X_FORWARDED_METHOD) {
         Err(()) => return Err("The proxy sent X-Forwarded-Method more than once."),
         Ok(None) => None,
@@ -174,24 +189,11 @@ fn origin_form(bytes: &[u8]) -> Option<PathAndQuery> {
     PathAndQuery::try_from(bytes).ok()
 }
 
-/// `400` problem+json for a sub-request whose `X-Forwarded-*` headers cannot be used, labelled
-/// like the guard's own rejections (the body is built the way `proxy::bad_gateway` builds its).
+/// `400` problem+json for a sub-request that cannot be used, labelled like the guard's own
+/// rejections.
 fn malformed_request(detail: &'static str) -> Response<Full<Bytes>> {
-    let problem = serde_json::json!({
-        "type": "tag:conneqt-guard,2026:malformed-request",
-        "title": "Malformed forward-auth request",
-        "status": 400,
-        "detail": detail,
-        "instance": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
-    });
-    let mut response = Response::new(Full::new(Bytes::from(problem.to_string())));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
+    let mut response = problem_json(StatusCode::BAD_REQUEST, "malformed-request", detail);
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(STATUS_HEADER, HeaderValue::from(400_u16));
     headers.insert(REASON_HEADER, MALFORMED_REQUEST);
     response
@@ -243,7 +245,7 @@ mod tests {
 
     #[test]
     fn unusable_headers_are_refused_and_change_nothing() {
-        let cases: [&[(&str, &str)]; 10] = [
+        let cases: [&[(&str, &str)]; 11] = [
             &[("x-forwarded-uri", "healthz")],
             &[("x-forwarded-uri", "")],
             &[("x-forwarded-uri", "*")],
@@ -257,6 +259,7 @@ mod tests {
             &[("x-forwarded-method", "GE T")],
             &[("x-forwarded-method", "")],
             &[("x-forwarded-method", "GET"), ("x-forwarded-method", "GET")],
+            &[("conneqt_instant_access_token", "t")],
         ];
         for headers in cases {
             let mut request = sub_request(headers);

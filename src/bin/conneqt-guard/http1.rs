@@ -88,6 +88,18 @@ pub(crate) fn is_alias(name: &[u8]) -> bool {
     name.contains(&b'_')
 }
 
+/// Whether `name` is the token header spelt with `_` for some `-` (any case): what a
+/// CGI-style backend reads as the token itself.
+pub(crate) fn aliases_token(name: &[u8]) -> bool {
+    const TOKEN: &[u8] = b"conneqt-instant-access-token";
+    is_alias(name)
+        && name.len() == TOKEN.len()
+        && name
+            .iter()
+            .zip(TOKEN)
+            .all(|(&b, &t)| b.eq_ignore_ascii_case(&t) || (b == b'_' && t == b'-'))
+}
+
 /// A `Content-Length` value: ASCII digits only (no sign, space or list), at most
 /// [`MAX_CONTENT_LENGTH`]. `None` for anything else.
 pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
@@ -237,6 +249,10 @@ mod tests {
         ]);
         remove_aliases(&mut map);
         assert_eq!(names(&map), ["x-fine"]);
+        assert!(aliases_token(b"Conneqt_Instant_Access_Token"));
+        assert!(aliases_token(b"conneqt-instant_access-token"));
+        assert!(!aliases_token(b"conneqt-instant-access-token"));
+        assert!(!aliases_token(b"content_length"));
     }
 
     #[test]

@@ -493,6 +493,11 @@ pub(crate) fn add_forwarded(
 /// A response the proxy makes itself: RFC 9457 problem+json with type
 /// `tag:conneqt-guard,2026:{kind}`, the status's own title, and `detail`; never cached.
 pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<ProxyBody> {
+    problem_json(status, kind, detail).map(Either::Right)
+}
+
+/// [`problem`], for any service's body type.
+pub(crate) fn problem_json(status: StatusCode, kind: &str, detail: &str) -> Response<Full<Bytes>> {
     let problem = serde_json::json!({
         "type": format!("tag:conneqt-guard,2026:{kind}"),
         "title": status.canonical_reason().unwrap_or("Error"),
@@ -500,7 +505,7 @@ pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<
         "detail": detail,
         "instance": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
     });
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(problem.to_string()))));
+    let mut response = Response::new(Full::new(Bytes::from(problem.to_string())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
