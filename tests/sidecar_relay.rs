@@ -521,3 +521,58 @@ async fn a_connection_close_request_is_answered_and_then_the_connection_closed()
     client.assert_closed_by_proxy().await;
     assert_eq!(backend.calls(), 1);
 }
+
+/// A simulator, a raw backend running `script`, and the proxy in front with `flags`.
+async fn raw_setup_with(
+    script: impl Fn(&wire::Seen) -> wire::Reply + Send + Sync + 'static,
+    flags: &[&str],
+) -> (Simulator, wire::RawBackend, Sidecar, String) {
+    let sim = Simulator::start().await.unwrap();
+    let backend = wire::RawBackend::start(script).await;
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), flags).await;
+    let token = sim.issue_token();
+    (sim, backend, sidecar, token)
+}
+
+#[tokio::test]
+async fn on_the_hyper_path_a_backend_that_never_answers_is_504_after_the_response_timeout() {
+    // The backend reads the request and says nothing.
+    let (sim, backend, sidecar, token) =
+        raw_setup_with(|_| keep(""), &["--backend-response-timeout", "300ms"]).await;
+    let mut client = Client::connect(sidecar.addr).await;
+    // HTTP/1.0 is served by hyper, not the relay.
+    client
+        .send(format!(
+            "GET /silent HTTP/1.0\r\nHost: guarded.test\r\n{WIRE_TOKEN_HEADER}: {token}\r\n\r\n"
+        ))
+        .await;
+    let answer = client.response().await;
+    assert_problem(&answer, 504, "backend-timeout");
+    assert_eq!(backend.paths(), ["/silent"]);
+    assert_eq!(sim.verify_calls(), 1);
+}
+
+#[tokio::test]
+async fn on_the_hyper_path_a_client_that_stalls_in_its_chunked_body_gets_408() {
+    let (sim, backend, sidecar, token) =
+        raw_setup_with(|_| ok("stored"), &["--request-body-timeout", "300ms"]).await;
+    let mut client = Client::connect(sidecar.addr).await;
+    // A chunked body is served by hyper; the client sends one chunk and then nothing.
+    client
+        .send(format!(
+            "{}3\r\nabc\r\n",
+            request(
+                "POST",
+                "/upload",
+                Some(&token),
+                "Transfer-Encoding: chunked\r\n"
+            )
+        ))
+        .await;
+    let answer = client.response().await;
+    assert_problem(&answer, 408, "request-timeout");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(!seen[0].complete, "the body never ended: {seen:?}");
+    assert_eq!(sim.verify_calls(), 1);
+}

@@ -47,19 +47,35 @@ impl Connect for Pipes {
     }
 }
 
+/// A backend whose connect never completes.
+struct Unreachable;
+
+impl Connect for Unreachable {
+    type Stream = DuplexStream;
+
+    async fn connect(&self) -> io::Result<DuplexStream> {
+        std::future::pending().await
+    }
+}
+
 const SECOND: Duration = Duration::from_secs(1);
 
 /// A relay serving one client pipe, its backend connections coming out of the receiver.
 fn start(timeouts: Timeouts) -> (DuplexStream, mpsc::UnboundedReceiver<DuplexStream>) {
+    let (connections, backends) = mpsc::unbounded_channel();
+    (start_with(Pipes(connections), timeouts), backends)
+}
+
+/// A relay reaching the backend through `connector`, serving one client pipe.
+fn start_with(connector: impl Connect<Stream = DuplexStream>, timeouts: Timeouts) -> DuplexStream {
     let guard = AccessTokenLayer::builder()
         .base_url("http://127.0.0.1:9")
         .api_key("never-used")
         .skip_path_prefix("/public")
         .build()
         .unwrap();
-    let (connections, backends) = mpsc::unbounded_channel();
     let backend = Arc::new(parse_backend("http://backend.test").unwrap());
-    let relay = Relay::with_connector(&guard, backend, Arc::new(Pipes(connections)), timeouts);
+    let relay = Relay::with_connector(&guard, backend, Arc::new(connector), timeouts);
     let (client, ours) = tokio::io::duplex(64 * 1024);
     let (_stop, shutdown) = watch::channel(false);
     let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
@@ -67,7 +83,7 @@ fn start(timeouts: Timeouts) -> (DuplexStream, mpsc::UnboundedReceiver<DuplexStr
         let _stop = _stop;
         let _ = serve(&relay, ours, peer, shutdown).await;
     });
-    (client, backends)
+    client
 }
 
 /// Reads until `bytes` holds `end`, returning everything up to and including it; `None` at
@@ -382,4 +398,27 @@ async fn a_client_that_sends_no_head_is_closed_after_the_head_timeout() {
         backends.try_recv().is_err(),
         "the backend was never reached"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_cannot_be_connected_to_in_time_is_504() {
+    let timeouts = Timeouts {
+        backend_connect: 4 * SECOND,
+        ..Timeouts::default()
+    };
+    let mut client = start_with(Unreachable, timeouts);
+    client
+        .write_all(b"GET /public/a HTTP/1.1\r\nHost: guard.test\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    read_to_end(&mut client, &mut answer).await;
+    let answer = text(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("backend-timeout"), "{answer}");
+    assert_eq!(started.elapsed().as_secs(), 4);
 }
