@@ -2,29 +2,51 @@
 //! ([`crate::proxy`]): which fields are hop-by-hop, which a `Connection` header may remove,
 //! which names are dropped as aliases, what a `Content-Length` may be, what is gRPC.
 //!
-//! The smuggling rules, each with the test that pins it (`tests/sidecar_security.rs` unless
-//! said otherwise):
+//! The smuggling rules, each with the tests that pin it: in `tests/sidecar_security.rs`
+//! (a raw client through the real proxy to a recording raw backend), in
+//! `relay::tests` (the connection loop over in-memory pipes), and beside each rule's code.
 //!
-//! 1. The backend parses exactly the requests the guard checked. The proxy never copies
+//! 1. **The backend parses exactly the requests the guard checked.** The proxy never copies
 //!    framing: it drops `Content-Length` and `Transfer-Encoding` as received and states the
 //!    framing of what it sends itself, on requests and responses. A `Connection` header
 //!    cannot remove `Content-Length`, `Transfer-Encoding`, `Host` or the token header
-//!    ([`END_TO_END`]); such names in `Connection` are ignored, not refused (`connection_*`
-//!    cases).
-//! 2. A header name with `_` is dropped ([`is_alias`]), as nginx does by default
+//!    ([`END_TO_END`]); such names in `Connection` are ignored, not refused. Ambiguous framing
+//!    is refused with `400` before the guard sees it (`relay::request`). Tests:
+//!    `a_connection_field_naming_end_to_end_fields_is_ignored`,
+//!    `request_framing_and_head_syntax_are_strict`,
+//!    `a_rejected_request_in_a_pipeline_lets_nothing_through`,
+//!    `generated_request_streams_smuggle_nothing_past_the_guard`;
+//!    `relay::tests::connection_naming_content_length_smuggles_nothing_the_backend_gets_the_framing_we_state`.
+//! 2. **A header name with `_` is dropped** ([`is_alias`]), as nginx does by default
 //!    (`underscores_in_headers off`): CGI-style backends read `Content_Length` or
-//!    `Conneqt_Instant_Access_Token` as the real thing (`underscore_*`).
-//! 3. The token header the backend sees is the verified one: exactly one in the head (the
+//!    `Conneqt_Instant_Access_Token` as the real thing. Forward-auth, which cannot drop a
+//!    header from what the proxy forwards, refuses a token alias ([`aliases_token`]). Tests:
+//!    `header_names_with_underscores_are_not_forwarded`,
+//!    `over_h2c_underscore_names_and_missing_tokens_are_handled_the_same`;
+//!    `tests/sidecar_forward_auth.rs` `unusable_x_forwarded_headers_get_400_without_asking_the_upstream`.
+//! 3. **The token header the backend sees is the verified one**: exactly one in the head (the
 //!    guard refuses two), none in request trailers ([`clean_request_trailers`]), none at all
-//!    with `--strip-token-header` (`token_*`).
-//! 4. A `101` is relayed only for the WebSocket upgrade the proxy forwarded, with the same
-//!    protocol in `Upgrade`; anything else is `502` (`upgrade_*`).
-//! 5. A response with both `Content-Length` and `Transfer-Encoding` is relayed chunked, without
-//!    the length; a transfer coding other than `chunked` alone is refused with `502`, never
-//!    relabelled (`response_framing_*`).
-//! 6. Numbers are bounded: a `Content-Length` is one field of at most [`MAX_CONTENT_LENGTH`]
-//!    in plain digits, or the request is `400` and the response `502` ([`content_length`];
-//!    `content_length_*`).
+//!    with `--strip-token-header`. Tests: `the_token_the_backend_sees_is_the_one_verified`,
+//!    `with_strip_token_header_the_backend_sees_no_token_at_all`.
+//! 4. **A `101` is relayed only for the WebSocket upgrade the proxy forwarded**, with the same
+//!    protocol in `Upgrade`; anything else is `502`, and any other `Upgrade` is dropped from
+//!    the request. Tests: `only_websocket_upgrades_become_tunnels`;
+//!    `relay::tests::a_101_for_another_protocol_than_the_one_asked_is_502_and_nothing_of_it_is_relayed`.
+//! 5. **A response with both `Content-Length` and `Transfer-Encoding` is relayed chunked**,
+//!    without the length; a transfer coding other than `chunked` alone is refused with `502`,
+//!    never relabelled. Test: `backend_responses_with_bad_framing_are_refused_never_relabelled`.
+//! 6. **Numbers are bounded**: a `Content-Length` is one field of at most
+//!    [`MAX_CONTENT_LENGTH`] in plain digits, or the request is `400` and the response `502`
+//!    ([`content_length`]); so is a backend's chunk size. Tests: the `Content-Length` cases of
+//!    `request_framing_and_head_syntax_are_strict` and of
+//!    `backend_responses_with_bad_framing_are_refused_never_relabelled`.
+//! 7. **`CONNECT` is `405`**, and a head over 64 KiB or 100 fields `431`. Tests:
+//!    `connect_is_405_and_reaches_nobody`, `oversized_request_heads_are_refused`.
+//!
+//! The skip rules' ambiguous paths are the library's (`src/skip.rs`; through the proxy:
+//! `ambiguous_paths_under_a_skipped_prefix_need_a_token`), and the timeouts are
+//! [`crate::proxy::Timeouts`] (`relay::tests`, and `tests/sidecar_relay.rs` for the hyper
+//! path).
 
 use http::header::{self, HeaderMap, HeaderName};
 
