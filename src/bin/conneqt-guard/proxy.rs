@@ -234,22 +234,18 @@ impl Service<Request<Incoming>> for Forwarder {
                 response = client.request(request) => response,
                 () = answer_due => {
                     tracing::warn!("the backend did not answer in time: 504");
-                    return Ok(backend_timeout());
+                    return Ok(backend_timeout(grpc));
                 }
             };
             match response {
                 Ok(response) => Ok(checked_response(response, grpc, timeouts.backend_body)),
                 Err(error) if timed_out(&error) => {
                     tracing::warn!("the backend did not connect in time: 504");
-                    Ok(backend_timeout())
+                    Ok(backend_timeout(grpc))
                 }
                 Err(error) if caused_by::<Stalled>(&error) => {
                     tracing::debug!("the client stalled sending the request body: 408");
-                    Ok(problem(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request-timeout",
-                        "The request body stopped arriving.",
-                    ))
+                    Ok(request_timeout(grpc))
                 }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "backend unreachable: answering 502");
@@ -519,35 +515,54 @@ pub(crate) fn problem_json(status: StatusCode, kind: &str, detail: &str) -> Resp
 /// The answer when the backend cannot be reached or gave an answer that cannot be relayed:
 /// `502` problem+json for HTTP, `UNAVAILABLE` for gRPC. Neither names the backend.
 pub(crate) fn bad_gateway(grpc: bool) -> Response<ProxyBody> {
-    if !grpc {
-        return problem(
-            StatusCode::BAD_GATEWAY,
-            "backend-unavailable",
-            "The service behind conneqt-guard could not be reached. Try again later.",
-        );
+    if grpc {
+        return grpc_status("14", "backend%20unavailable");
     }
+    problem(
+        StatusCode::BAD_GATEWAY,
+        "backend-unavailable",
+        "The service behind conneqt-guard could not be reached. Try again later.",
+    )
+}
+
+/// The answer when the backend did not connect or answer within its timeout: `504`
+/// problem+json for HTTP, `DEADLINE_EXCEEDED` for gRPC.
+pub(crate) fn backend_timeout(grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        return grpc_status("4", "backend%20timeout");
+    }
+    problem(
+        StatusCode::GATEWAY_TIMEOUT,
+        "backend-timeout",
+        "The service behind conneqt-guard did not answer in time. Try again later.",
+    )
+}
+
+/// The answer when the client stopped sending its request body: `408` problem+json for
+/// HTTP, `CANCELLED` for gRPC.
+pub(crate) fn request_timeout(grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        return grpc_status("1", "request%20body%20stalled");
+    }
+    problem(
+        StatusCode::REQUEST_TIMEOUT,
+        "request-timeout",
+        "The request body stopped arriving.",
+    )
+}
+
+/// A trailers-only gRPC answer with `status` and the percent-encoded `message`.
+fn grpc_status(status: &'static str, message: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert("grpc-status", HeaderValue::from_static("14"));
-    headers.insert(
-        "grpc-message",
-        HeaderValue::from_static("backend%20unavailable"),
-    );
+    headers.insert("grpc-status", HeaderValue::from_static(status));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// The answer when the backend did not connect or answer within its timeout: `504`.
-pub(crate) fn backend_timeout() -> Response<ProxyBody> {
-    problem(
-        StatusCode::GATEWAY_TIMEOUT,
-        "backend-timeout",
-        "The service behind conneqt-guard did not answer in time. Try again later.",
-    )
 }
 
 /// An error and its causes on one line, for the log.

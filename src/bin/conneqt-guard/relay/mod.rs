@@ -603,12 +603,8 @@ fn refused(refusal: Refusal) -> Response<crate::proxy::ProxyBody> {
 /// The answer made here when forwarding failed before the response: `502`, `504` or `408`.
 fn local_answer(status: StatusCode) -> Response<crate::proxy::ProxyBody> {
     match status {
-        StatusCode::GATEWAY_TIMEOUT => crate::proxy::backend_timeout(),
-        StatusCode::REQUEST_TIMEOUT => problem(
-            StatusCode::REQUEST_TIMEOUT,
-            "request-timeout",
-            "The request body stopped arriving.",
-        ),
+        StatusCode::GATEWAY_TIMEOUT => crate::proxy::backend_timeout(false),
+        StatusCode::REQUEST_TIMEOUT => crate::proxy::request_timeout(false),
         _ => crate::proxy::bad_gateway(false),
     }
 }
