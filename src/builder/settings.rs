@@ -600,7 +600,7 @@ mod tests {
         let section = section.split("\n## ").next().unwrap();
         section
             .lines()
-            .map(|line| line.trim_start_matches("///").trim())
+            .map(|line| line.trim().trim_start_matches("///").trim())
             .filter(|line| line.starts_with("| `"))
             .map(|line| {
                 line.split('|')

@@ -247,6 +247,72 @@ mod tests {
     }
 
     #[test]
+    fn every_library_setting_is_a_flag_with_its_variable_in_each_modes_help() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        for mode in ["proxy", "forward-auth"] {
+            let help = command
+                .find_subcommand_mut(mode)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            for (name, variable) in settings::names() {
+                let flag = format!("--{}", name.replace('_', "-"));
+                assert!(help.contains(&flag), "{mode}: {flag} missing in\n{help}");
+                assert!(help.contains(variable), "{mode}: {variable} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn library_flags_reach_the_builder_in_the_librarys_grammar() {
+        let args = proxy_args(&[
+            "--cache-ttl",
+            "1m30s",
+            "--upstream-timeout",
+            "1s500ms",
+            "--accept-opaque-tokens=1",
+            "--strip-token-header",
+            "--refresh-ahead=false",
+            "--refresh-ahead-share",
+            "0.5",
+            "--upstream-retry=0",
+            "--skip-path-prefix",
+            "/a, /b",
+            "--skip-path-prefix",
+            "/c",
+        ])
+        .unwrap();
+        let shown = format!("{:?}", args.common.builder());
+        for expected in [
+            "cache_ttl: 90s",
+            "upstream_timeout: 1.5s",
+            "accept_opaque_tokens: true",
+            "strip_token_header: true",
+            "refresh_ahead: false",
+            "refresh_ahead_share: 0.5",
+            "upstream_retry: false",
+            r#"skip_path_prefix: ["/a", "/b", "/c"]"#,
+            "env_error: None",
+        ] {
+            assert!(shown.contains(expected), "{expected} missing in {shown}");
+        }
+    }
+
+    #[test]
+    fn the_api_key_and_proxy_never_show_in_debug_output() {
+        let args = proxy_args(&[
+            "--api-key",
+            "sekrit-key",
+            "--upstream-proxy",
+            "http://user:sekrit@proxy",
+        ])
+        .unwrap();
+        let shown = format!("{args:?} {:?}", args.common.builder());
+        assert!(!shown.contains("sekrit"), "{shown}");
+    }
+
+    #[test]
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
