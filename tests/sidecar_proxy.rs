@@ -863,7 +863,9 @@ async fn values_the_library_refuses_are_refused_naming_the_setting() {
         "--api-key",
         "sekrit-key",
     ];
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    /// Flags, variables, and what the error must name.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
         (
             &[],
             &[("CONNEQT_UPSTREAM_RETRY", "yes")],

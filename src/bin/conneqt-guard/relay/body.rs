@@ -148,6 +148,19 @@ pub(super) async fn relay_body(
     }
 }
 
+/// Reads more into `buffer`, waiting at most `idle` for it. `Ok(0)`: the peer closed.
+pub(super) async fn read_within(
+    idle: Duration,
+    source: &mut (impl AsyncRead + Unpin),
+    buffer: &mut BytesMut,
+) -> io::Result<usize> {
+    buffer.reserve(BUFFER);
+    match tokio::time::timeout(idle, source.read_buf(buffer)).await {
+        Ok(read) => read,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,18 +207,5 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-    }
-}
-
-/// Reads more into `buffer`, waiting at most `idle` for it. `Ok(0)`: the peer closed.
-pub(super) async fn read_within(
-    idle: Duration,
-    source: &mut (impl AsyncRead + Unpin),
-    buffer: &mut BytesMut,
-) -> io::Result<usize> {
-    buffer.reserve(BUFFER);
-    match tokio::time::timeout(idle, source.read_buf(buffer)).await {
-        Ok(read) => read,
-        Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
 }

@@ -11,6 +11,10 @@ use crate::http1;
 pub(super) const MAX_REQUEST_HEADERS: usize = 100;
 
 /// What the relay does with a request.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per request head, moved once; a box would cost an allocation per request"
+)]
 pub(super) enum Admission {
     /// Relay it.
     Take(RequestHead),
@@ -133,7 +137,8 @@ fn admit_or_refuse(parsed: &httparse::Request<'_, '_>) -> Result<Admission, Refu
                 hand_off = true;
             }
             header::UPGRADE => {
-                if upgrade.replace(value.clone()).is_some() {
+                let repeated = upgrade.replace(value.clone()).is_some();
+                if repeated {
                     return Err(Refusal::malformed("Upgrade must appear once."));
                 }
             }
