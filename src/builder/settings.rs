@@ -246,8 +246,8 @@ pub(crate) const ROWS: &[Row] = &[
             secret: true,
             required: None,
         },
-        initial: Initial::Unset("none; HTTP_PROXY is ignored"),
-        doc: "an HTTP(S) proxy for upstream calls; may hold credentials, so never printed",
+        initial: Initial::Unset("none"),
+        doc: "an HTTP(S) proxy for upstream calls (`HTTP_PROXY` is ignored); may hold credentials, so never printed",
         slot: |s| Slot::Text(&mut s.upstream_proxy),
     },
     Row {
@@ -627,6 +627,26 @@ mod tests {
         let mut names: Vec<&str> = ROWS.iter().map(|row| row.name).collect();
         names.sort_unstable();
         assert_eq!(listed, names, "README.md `## Configuration`");
+    }
+
+    #[test]
+    fn the_readme_configuration_table_shows_each_settings_default() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("\n## Configuration\n").nth(1).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        for row in ROWS {
+            let start = format!("| `{}` | ", row.name);
+            let line = section
+                .lines()
+                .find(|line| line.starts_with(&start))
+                .unwrap_or_else(|| panic!("{} missing", row.name));
+            let shown = line[start.len()..].split(" | ").next().unwrap();
+            let expected = match row.initial {
+                Initial::Value(text) => format!("`{text}`"),
+                Initial::Unset(what) => what.to_owned(),
+            };
+            assert_eq!(shown, expected, "README.md default of {}", row.name);
+        }
     }
 
     #[test]
