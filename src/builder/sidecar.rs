@@ -29,7 +29,7 @@ fn arg(row: &'static Row) -> Arg {
     doc[..1].make_ascii_uppercase();
     arg = match row.initial {
         Initial::Value(text) => arg.default_value(text).help(doc),
-        Initial::Unset("required") => arg.help(format!("{doc} [required]")),
+        Initial::Unset("required") => arg.help(format!("{doc} [required, unless --simulator]")),
         Initial::Unset(what) => arg.help(format!("{doc} [default: {what}]")),
     };
     match row.kind {
@@ -57,13 +57,12 @@ pub fn values(matches: &ArgMatches) -> Values {
         .iter()
         .filter(|row| matches.value_source(row.name) != Some(ValueSource::DefaultValue))
         .filter_map(|row| {
-            let given: Vec<&String> = matches.get_many::<String>(row.name)?.collect();
-            let joined = given
-                .iter()
-                .map(|value| value.as_str())
-                .collect::<Vec<_>>()
-                .join(",");
-            Some((row.variable, joined))
+            // A repeated flag (`--skip-path-prefix`) joins as its variable would be written.
+            let given: Vec<&str> = matches
+                .get_many::<String>(row.name)?
+                .map(String::as_str)
+                .collect();
+            Some((row.variable, given.join(",")))
         })
         .collect();
     Values(values)

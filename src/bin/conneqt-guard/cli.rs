@@ -198,7 +198,7 @@ mod tests {
         );
         let args = proxy_args(&[
             "--request-head-timeout",
-            "1s",
+            "1m30s",
             "--request-body-timeout",
             "2s",
             "--backend-connect-timeout",
@@ -210,7 +210,7 @@ mod tests {
         ])
         .unwrap();
         let timeouts = args.timeouts();
-        assert_eq!(timeouts.request_head, Duration::from_secs(1));
+        assert_eq!(timeouts.request_head, Duration::from_secs(90));
         assert_eq!(timeouts.request_body, Duration::from_secs(2));
         assert_eq!(timeouts.backend_connect, Duration::from_secs(3));
         assert_eq!(timeouts.backend_response, Duration::from_secs(4));
