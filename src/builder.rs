@@ -14,64 +14,20 @@ use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{ApiKey, Resilience, Upstream};
 
 mod env;
+mod settings;
+#[cfg(feature = "sidecar")]
+pub mod sidecar;
 
-/// Default for [`AccessTokenLayerBuilder::cache_ttl`]: 30 seconds.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
-/// Default for [`AccessTokenLayerBuilder::gone_ttl`]: 10 minutes.
-pub const DEFAULT_GONE_TTL: Duration = Duration::from_secs(600);
-/// Default for [`AccessTokenLayerBuilder::upstream_timeout`]: 2 seconds.
-pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default for [`AccessTokenLayerBuilder::cache_capacity`]: 100,000 valid tokens.
-pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
-/// Default for [`AccessTokenLayerBuilder::gone_capacity`]: 100,000 gone tokens.
-pub const DEFAULT_GONE_CAPACITY: u64 = 100_000;
-/// Default for [`AccessTokenLayerBuilder::verify_path`], from the vendor's example request.
-pub const DEFAULT_VERIFY_PATH: &str = "/api/v1/messages/instant/access/token/verify";
-/// Default for [`AccessTokenLayerBuilder::max_concurrent_verifications`]: 64.
-pub const DEFAULT_MAX_CONCURRENT_VERIFICATIONS: usize = 64;
-/// Default for [`AccessTokenLayerBuilder::circuit_breaker_threshold`]: 5 failures in a row.
-pub const DEFAULT_CIRCUIT_BREAKER_THRESHOLD: u32 = 5;
-/// Default for [`AccessTokenLayerBuilder::circuit_breaker_cool_down`]: 5 seconds.
-pub const DEFAULT_CIRCUIT_BREAKER_COOL_DOWN: Duration = Duration::from_secs(5);
-/// Default for [`AccessTokenLayerBuilder::refresh_ahead_share`]: 0.8 of `cache_ttl`.
-pub const DEFAULT_REFRESH_AHEAD_SHARE: f64 = 0.8;
+use settings::{ROWS, Settings};
+
 /// The vendor's connection-check endpoint, relative to the base URL.
 pub(crate) const TEST_PATH: &str = "/api/v1/test";
-
-/// The longest a verdict may be trusted or remembered (7 days). Longer is almost certainly a
-/// unit mistake, and moka panics on durations of centuries.
-const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-/// The longest an upstream call may take (5 minutes).
-const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5 * 60);
-/// The longest cool-down of the circuit breaker (1 hour).
-const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 
 /// Builds an [`AccessTokenLayer`]. Made by [`AccessTokenLayer::builder`].
 ///
 /// Setters never fail; [`build`](Self::build) checks everything and names the first setting
-/// that is wrong. Only `base_url` and `api_key` are required.
-///
-/// | setting | default |
-/// |---|---|
-/// | [`base_url`](Self::base_url) | required |
-/// | [`api_key`](Self::api_key) | required |
-/// | [`verify_path`](Self::verify_path) | [`DEFAULT_VERIFY_PATH`] |
-/// | [`cache_ttl`](Self::cache_ttl) | [`DEFAULT_CACHE_TTL`] (30 s) |
-/// | [`gone_ttl`](Self::gone_ttl) | [`DEFAULT_GONE_TTL`] (10 min) |
-/// | [`upstream_timeout`](Self::upstream_timeout) | [`DEFAULT_UPSTREAM_TIMEOUT`] (2 s) |
-/// | [`cache_capacity`](Self::cache_capacity) | [`DEFAULT_CACHE_CAPACITY`] |
-/// | [`gone_capacity`](Self::gone_capacity) | [`DEFAULT_GONE_CAPACITY`] |
-/// | [`accept_opaque_tokens`](Self::accept_opaque_tokens) | `false` (tokens must be UUIDs) |
-/// | [`upstream_proxy`](Self::upstream_proxy) | none (system proxy variables are ignored) |
-/// | [`refresh_ahead`](Self::refresh_ahead) | `true` |
-/// | [`refresh_ahead_share`](Self::refresh_ahead_share) | [`DEFAULT_REFRESH_AHEAD_SHARE`] (0.8) |
-/// | [`stale_if_error`](Self::stale_if_error) | off |
-/// | [`max_concurrent_verifications`](Self::max_concurrent_verifications) | [`DEFAULT_MAX_CONCURRENT_VERIFICATIONS`] (64) |
-/// | [`upstream_retry`](Self::upstream_retry) | `true` (one retry within `upstream_timeout`) |
-/// | [`circuit_breaker_threshold`](Self::circuit_breaker_threshold) | [`DEFAULT_CIRCUIT_BREAKER_THRESHOLD`] (5) |
-/// | [`circuit_breaker_cool_down`](Self::circuit_breaker_cool_down) | [`DEFAULT_CIRCUIT_BREAKER_COOL_DOWN`] (5 s) |
-/// | [`skip_path_prefix`](Self::skip_path_prefix), [`skip_if`](Self::skip_if), [`skip_grpc_health_checks`](Self::skip_grpc_health_checks), [`skip_cors_preflight`](Self::skip_cors_preflight) | nothing is skipped |
-/// | [`strip_token_header`](Self::strip_token_header) | `false` (the inner service sees the header) |
+/// that is wrong. Only [`base_url`](Self::base_url) and [`api_key`](Self::api_key) are
+/// required; each setter documents its default.
 ///
 /// [`from_env`](Self::from_env) starts from `CONNEQT_*` environment variables instead.
 ///
@@ -96,51 +52,19 @@ const MAX_COOL_DOWN: Duration = Duration::from_secs(60 * 60);
 /// ```
 #[must_use]
 pub struct AccessTokenLayerBuilder {
-    base_url: Option<String>,
-    api_key: Option<String>,
-    verify_path: String,
-    cache_ttl: Duration,
-    gone_ttl: Duration,
-    upstream_timeout: Duration,
-    cache_capacity: u64,
-    gone_capacity: u64,
-    token_format: TokenFormat,
-    upstream_proxy: Option<String>,
-    max_concurrent_verifications: usize,
-    upstream_retry: bool,
-    refresh_ahead: bool,
-    refresh_ahead_share: f64,
-    stale_if_error: Option<Duration>,
-    circuit_breaker_threshold: u32,
-    circuit_breaker_cool_down: Duration,
-    // Skip rules, credential stripping, and the first problem found by `from_env`.
+    /// Every setting of the table (`settings.rs`), as setters and `from_env` left it.
+    settings: Settings,
+    /// The skip rules that are not settings of the table: predicates, CORS preflight.
     skip: SkipRules,
-    strip_token_header: bool,
+    /// The first problem found by `from_env`.
     env_error: Option<BuildError>,
 }
 
 impl Default for AccessTokenLayerBuilder {
     fn default() -> Self {
         Self {
-            base_url: None,
-            api_key: None,
-            verify_path: DEFAULT_VERIFY_PATH.to_owned(),
-            cache_ttl: DEFAULT_CACHE_TTL,
-            gone_ttl: DEFAULT_GONE_TTL,
-            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
-            cache_capacity: DEFAULT_CACHE_CAPACITY,
-            gone_capacity: DEFAULT_GONE_CAPACITY,
-            token_format: TokenFormat::Uuid,
-            upstream_proxy: None,
-            max_concurrent_verifications: DEFAULT_MAX_CONCURRENT_VERIFICATIONS,
-            upstream_retry: true,
-            refresh_ahead: true,
-            refresh_ahead_share: DEFAULT_REFRESH_AHEAD_SHARE,
-            stale_if_error: None,
-            circuit_breaker_threshold: DEFAULT_CIRCUIT_BREAKER_THRESHOLD,
-            circuit_breaker_cool_down: DEFAULT_CIRCUIT_BREAKER_COOL_DOWN,
+            settings: Settings::with_defaults(),
             skip: SkipRules::default(),
-            strip_token_header: false,
             env_error: None,
         }
     }
@@ -149,74 +73,72 @@ impl Default for AccessTokenLayerBuilder {
 impl AccessTokenLayerBuilder {
     /// The Conneqt base URL, e.g. `https://int.conneqt.health` (the integration environment).
     /// `http` or `https`, a host, optionally a path prefix; no credentials, query or fragment.
+    /// Required.
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = Some(url.into());
+        self.settings.base_url = Some(url.into());
         self
     }
 
     /// The key Quicksilva issued to your system, sent as the `ApiKey` header. Never logged or
-    /// shown in `Debug` output or errors.
+    /// shown in `Debug` output or errors. Required.
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
+        self.settings.api_key = Some(key.into());
         self
     }
 
-    /// The verify endpoint's path, appended to the base URL. Starts with `/`.
+    /// The verify endpoint's path, appended to the base URL. Starts with `/`. Default:
+    /// `/api/v1/messages/instant/access/token/verify`, from the vendor's example request.
     pub fn verify_path(mut self, path: impl Into<String>) -> Self {
-        self.verify_path = path.into();
+        self.settings.verify_path = Some(path.into());
         self
     }
 
     /// How long a `200 OK` verdict is trusted without asking again. This is also the longest a
-    /// revoked token can go on being accepted. Between 1 ms and 7 days.
+    /// revoked token can go on being accepted. Between 1 ms and 7 days; default 30 s.
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
-        self.cache_ttl = ttl;
+        self.settings.cache_ttl = ttl;
         self
     }
 
     /// How long a `410 Gone` verdict is remembered, so a client retrying with a dead token
-    /// does not reach the upstream each time. Between 1 ms and 7 days.
+    /// does not reach the upstream each time. Between 1 ms and 7 days; default 10 minutes.
     pub fn gone_ttl(mut self, ttl: Duration) -> Self {
-        self.gone_ttl = ttl;
+        self.settings.gone_ttl = ttl;
         self
     }
 
     /// The deadline for one whole upstream call: connecting, sending and reading the answer.
-    /// Past it the request gets `503`. Between 1 ms and 5 minutes.
+    /// Past it the request gets `503`. Between 1 ms and 5 minutes; default 2 s.
     pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
-        self.upstream_timeout = timeout;
+        self.settings.upstream_timeout = timeout;
         self
     }
 
-    /// The most valid tokens remembered at once. At least 1.
+    /// The most valid tokens remembered at once. At least 1; default 100,000.
     pub fn cache_capacity(mut self, tokens: u64) -> Self {
-        self.cache_capacity = tokens;
+        self.settings.cache_capacity = tokens;
         self
     }
 
     /// The most gone tokens remembered at once, kept apart from the valid ones so a flood of
-    /// dead tokens cannot evict live ones. At least 1.
+    /// dead tokens cannot evict live ones. At least 1; default 100,000.
     pub fn gone_capacity(mut self, tokens: u64) -> Self {
-        self.gone_capacity = tokens;
+        self.settings.gone_capacity = tokens;
         self
     }
 
     /// Accept any token of 1 to 256 visible ASCII characters instead of only UUIDs (the
-    /// vendor documents UUIDs; use this only if your tokens are not).
+    /// vendor documents UUIDs; use this only if your tokens are not). Default `false`.
     pub fn accept_opaque_tokens(mut self, accept: bool) -> Self {
-        self.token_format = if accept {
-            TokenFormat::Opaque
-        } else {
-            TokenFormat::Uuid
-        };
+        self.settings.accept_opaque_tokens = accept;
         self
     }
 
     /// Send upstream calls through this HTTP(S) proxy, e.g. `http://proxy.internal:3128`.
-    /// Without it, calls go direct: `HTTP_PROXY`-style variables are deliberately ignored so
-    /// that where the API key goes never depends on the environment.
+    /// Without it (the default), calls go direct: `HTTP_PROXY`-style variables are
+    /// deliberately ignored so that where the API key goes never depends on the environment.
     pub fn upstream_proxy(mut self, url: impl Into<String>) -> Self {
-        self.upstream_proxy = Some(url.into());
+        self.settings.upstream_proxy = Some(url.into());
         self
     }
 
@@ -225,43 +147,45 @@ impl AccessTokenLayerBuilder {
     /// background while the request is served from the cache (at most one refresh per token
     /// at a time). A `410` from the refresh evicts the token, so its next request is turned
     /// away. Result: a token in steady use never makes a request wait on the upstream after
-    /// its first verification.
+    /// its first verification. Default `true`.
     pub fn refresh_ahead(mut self, enabled: bool) -> Self {
-        self.refresh_ahead = enabled;
+        self.settings.refresh_ahead = enabled;
         self
     }
 
     /// The share of `cache_ttl` after which a used verdict is refreshed. Between 0 and 1,
-    /// exclusive.
+    /// exclusive; default 0.8.
     pub fn refresh_ahead_share(mut self, share: f64) -> Self {
-        self.refresh_ahead_share = share;
+        self.settings.refresh_ahead_share = share;
         self
     }
 
-    /// **Opt-in.** When the upstream cannot give a verdict (timeout, refused, `5xx`,
-    /// undocumented status, circuit open; never on `400`, `401`, `403` or `410`), a token whose
-    /// valid verdict expired less than `grace` ago is still let through, and a warning is
-    /// logged. This trades revocation latency (a revoked token can pass for up to
-    /// `cache_ttl + grace` while the upstream is down) for availability. Between 1 ms and 7 days.
+    /// **Opt-in** (off by default). When the upstream cannot give a verdict (timeout, refused,
+    /// `5xx`, undocumented status, circuit open; never on `400`, `401`, `403` or `410`), a
+    /// token whose valid verdict expired less than `grace` ago is still let through, and a
+    /// warning is logged. This trades revocation latency (a revoked token can pass for up to
+    /// `cache_ttl + grace` while the upstream is down) for availability. Between 1 ms and 7
+    /// days.
     pub fn stale_if_error(mut self, grace: Duration) -> Self {
-        self.stale_if_error = Some(grace);
+        self.settings.stale_if_error = Some(grace);
         self
     }
 
     /// The most upstream verify calls in flight at once, across all clones of the layer.
     /// Beyond it, verifications wait for a slot until their `upstream_timeout` deadline, then
-    /// get `503`. Protects the upstream from a flood of distinct well-formed tokens. At least 1.
+    /// get `503`. Protects the upstream from a flood of distinct well-formed tokens. At least
+    /// 1; default 64.
     pub fn max_concurrent_verifications(mut self, calls: usize) -> Self {
-        self.max_concurrent_verifications = calls;
+        self.settings.max_concurrent_verifications = u64::try_from(calls).unwrap_or(u64::MAX);
         self
     }
 
     /// Whether a verify call that failed with a connection error or a `502`/`503`/`504` is
     /// tried once more, after a jittered pause of about 50 ms, if time remains before the
     /// `upstream_timeout` deadline. Documented verdicts (`200`, `400`, `401`, `403`, `410`),
-    /// `500` and timeouts are never retried.
+    /// `500` and timeouts are never retried. Default `true`.
     pub fn upstream_retry(mut self, retry: bool) -> Self {
-        self.upstream_retry = retry;
+        self.settings.upstream_retry = retry;
         self
     }
 
@@ -269,15 +193,15 @@ impl AccessTokenLayerBuilder {
     /// undocumented statuses), verifications fail fast with `503` and a `Retry-After` for the
     /// [cool-down](Self::circuit_breaker_cool_down); then one probe is let through, and its
     /// result closes or re-opens the circuit. Tokens with a cached good verdict keep working
-    /// throughout. At least 1.
+    /// throughout. At least 1; default 5.
     pub fn circuit_breaker_threshold(mut self, failures: u32) -> Self {
-        self.circuit_breaker_threshold = failures;
+        self.settings.circuit_breaker_threshold = u64::from(failures);
         self
     }
 
-    /// How long the circuit stays open before a probe. Between 1 ms and 1 hour.
+    /// How long the circuit stays open before a probe. Between 1 ms and 1 hour; default 5 s.
     pub fn circuit_breaker_cool_down(mut self, cool_down: Duration) -> Self {
-        self.circuit_breaker_cool_down = cool_down;
+        self.settings.circuit_breaker_cool_down = cool_down;
         self
     }
 
@@ -289,62 +213,24 @@ impl AccessTokenLayerBuilder {
         if let Some(error) = self.env_error {
             return Err(error);
         }
-        let base_url = self.base_url.as_deref().ok_or_else(|| {
-            BuildError::new("base_url", "is required (e.g. https://int.conneqt.health)")
-        })?;
-        let base = parse_base_url(base_url)?;
-        check_path(&self.verify_path)?;
-        let verify_url = join(&base, &self.verify_path, "verify_path")?;
+        let mut settings = self.settings;
+        for row in ROWS {
+            row.check(&mut settings)
+                .map_err(|problem| BuildError::new(row.name, problem))?;
+        }
+        let checked = "checked by its row";
+        let base = parse_base_url(settings.base_url.as_deref().expect(checked))
+            .map_err(|problem| BuildError::new("base_url", problem))?;
+        let verify_path = settings.verify_path.as_deref().expect(checked);
+        let verify_url = join(&base, verify_path, "verify_path")?;
         let test_url = join(&base, TEST_PATH, "base_url")?;
-        let api_key = api_key(self.api_key.as_deref())?;
-        check_duration("cache_ttl", self.cache_ttl, MAX_TTL)?;
-        check_duration("gone_ttl", self.gone_ttl, MAX_TTL)?;
-        check_duration(
-            "upstream_timeout",
-            self.upstream_timeout,
-            MAX_UPSTREAM_TIMEOUT,
-        )?;
-        if self.cache_capacity == 0 {
-            return Err(BuildError::new("cache_capacity", "must be at least 1"));
-        }
-        if self.gone_capacity == 0 {
-            return Err(BuildError::new("gone_capacity", "must be at least 1"));
-        }
-        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.max_concurrent_verifications) {
-            return Err(BuildError::new(
-                "max_concurrent_verifications",
-                format!(
-                    "must be at least 1, got {}",
-                    self.max_concurrent_verifications
-                ),
-            ));
-        }
-        if !(self.refresh_ahead_share > 0.0 && self.refresh_ahead_share < 1.0) {
-            return Err(BuildError::new(
-                "refresh_ahead_share",
-                format!(
-                    "must be between 0 and 1, exclusive, got {}",
-                    self.refresh_ahead_share
-                ),
-            ));
-        }
-        if let Some(grace) = self.stale_if_error {
-            check_duration("stale_if_error", grace, MAX_TTL)?;
-        }
-        if self.circuit_breaker_threshold == 0 {
-            return Err(BuildError::new(
-                "circuit_breaker_threshold",
-                "must be at least 1",
-            ));
-        }
-        check_duration(
-            "circuit_breaker_cool_down",
-            self.circuit_breaker_cool_down,
-            MAX_COOL_DOWN,
-        )?;
-        for prefix in self.skip.prefixes() {
-            skip::check_prefix(prefix)
-                .map_err(|problem| BuildError::new("skip_path_prefix", problem))?;
+        let api_key = ApiKey::new(
+            HeaderValue::from_str(settings.api_key.as_deref().expect(checked))
+                .map_err(|_| BuildError::new("api_key", "is not a valid header value"))?,
+        );
+        let mut skip = self.skip;
+        for prefix in settings.skip_path_prefixes {
+            skip.add_prefix(prefix);
         }
         let hasher = TokenHasher::for_process().map_err(|error| {
             BuildError::new(
@@ -354,19 +240,16 @@ impl AccessTokenLayerBuilder {
         })?;
 
         let mut client = reqwest::Client::builder()
-            .connect_timeout(self.upstream_timeout)
+            .connect_timeout(settings.upstream_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("conneqt-guard/", env!("CARGO_PKG_VERSION")))
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .no_proxy();
-        if let Some(proxy) = &self.upstream_proxy {
+        if let Some(proxy) = &settings.upstream_proxy {
+            // Not quoted: a proxy URL may carry credentials.
             let proxy = reqwest::Proxy::all(proxy.as_str()).map_err(|error| {
-                BuildError::new(
-                    "upstream_proxy",
-                    format!("{proxy:?} is not a valid proxy URL"),
-                )
-                .with_source(error.without_url())
+                BuildError::new("upstream_proxy", PROXY_PROBLEM).with_source(error.without_url())
             })?;
             client = client.proxy(proxy);
         }
@@ -374,11 +257,12 @@ impl AccessTokenLayerBuilder {
             BuildError::new("HTTP client", "could not be created").with_source(error)
         })?;
 
+        let in_range = "in range, checked by its row";
         let resilience = Resilience {
-            max_concurrent: self.max_concurrent_verifications,
-            retry: self.upstream_retry,
-            breaker_threshold: self.circuit_breaker_threshold,
-            breaker_cool_down: self.circuit_breaker_cool_down,
+            max_concurrent: usize::try_from(settings.max_concurrent_verifications).expect(in_range),
+            retry: settings.upstream_retry,
+            breaker_threshold: u32::try_from(settings.circuit_breaker_threshold).expect(in_range),
+            breaker_cool_down: settings.circuit_breaker_cool_down,
         };
         crate::telemetry::describe();
         let upstream = Upstream::new(
@@ -386,26 +270,30 @@ impl AccessTokenLayerBuilder {
             verify_url,
             test_url,
             api_key,
-            self.upstream_timeout,
+            settings.upstream_timeout,
             resilience,
         );
         let cache = VerdictCache::new(CacheSettings {
-            cache_ttl: self.cache_ttl,
-            valid_capacity: self.cache_capacity,
-            gone_ttl: self.gone_ttl,
-            gone_capacity: self.gone_capacity,
-            refresh_after: self
+            cache_ttl: settings.cache_ttl,
+            valid_capacity: settings.cache_capacity,
+            gone_ttl: settings.gone_ttl,
+            gone_capacity: settings.gone_capacity,
+            refresh_after: settings
                 .refresh_ahead
-                .then(|| self.cache_ttl.mul_f64(self.refresh_ahead_share)),
-            stale_grace: self.stale_if_error,
+                .then(|| settings.cache_ttl.mul_f64(settings.refresh_ahead_share)),
+            stale_grace: settings.stale_if_error,
         });
         Ok(AccessTokenLayer::from_shared(Shared {
-            token_format: self.token_format,
+            token_format: if settings.accept_opaque_tokens {
+                TokenFormat::Opaque
+            } else {
+                TokenFormat::Uuid
+            },
             hasher,
             cache,
             upstream: Arc::new(upstream),
-            skip: self.skip,
-            strip_token_header: self.strip_token_header,
+            skip,
+            strip_token_header: settings.strip_token_header,
         }))
     }
 }
@@ -470,7 +358,7 @@ impl AccessTokenLayerBuilder {
     /// # }
     /// ```
     pub fn skip_path_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.skip.add_prefix(prefix.into());
+        self.settings.skip_path_prefixes.push(prefix.into());
         self
     }
 
@@ -536,44 +424,45 @@ impl AccessTokenLayerBuilder {
     /// Handlers still get the token as [`VerifiedToken::as_str`](crate::VerifiedToken::as_str).
     /// Skipped requests lose the header too. When off, the header is kept and marked sensitive.
     pub fn strip_token_header(mut self, strip: bool) -> Self {
-        self.strip_token_header = strip;
+        self.settings.strip_token_header = strip;
         self
     }
 }
 
-fn parse_base_url(raw: &str) -> Result<reqwest::Url, BuildError> {
-    let invalid = |problem: String| BuildError::new("base_url", problem);
+/// `upstream_proxy`'s problem, which never quotes the value.
+const PROXY_PROBLEM: &str = "is not a valid proxy URL (e.g. http://proxy.internal:3128)";
+
+fn parse_base_url(raw: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(raw)
-        .map_err(|error| invalid(format!("{raw:?} is not an absolute URL ({error})")))?;
+        .map_err(|error| format!("{raw:?} is not an absolute URL ({error})"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(format!(
+        return Err(format!(
             "{raw:?} must use http or https, not {:?}",
             url.scheme()
-        )));
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(format!("{raw:?} has no host")));
+        return Err(format!("{raw:?} has no host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
         // Do not echo it: the credentials may be secret.
-        return Err(invalid(
-            "must not contain credentials; the API key goes in api_key".to_owned(),
-        ));
+        return Err("must not contain credentials; the API key goes in api_key".to_owned());
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(format!(
-            "{raw:?} must not have a query or fragment"
-        )));
+        return Err(format!("{raw:?} must not have a query or fragment"));
     }
     Ok(url)
 }
 
-fn check_path(path: &str) -> Result<(), BuildError> {
+fn check_base_url(raw: &str) -> Result<(), String> {
+    parse_base_url(raw).map(drop)
+}
+
+fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') || path.contains(['?', '#']) || path.chars().any(char::is_whitespace)
     {
-        return Err(BuildError::new(
-            "verify_path",
-            format!("{path:?} must start with '/' and have no spaces, query or fragment"),
+        return Err(format!(
+            "{path:?} must start with '/' and have no spaces, query or fragment"
         ));
     }
     Ok(())
@@ -590,73 +479,33 @@ fn join(
     })
 }
 
-fn api_key(key: Option<&str>) -> Result<ApiKey, BuildError> {
-    let key = key.ok_or_else(|| BuildError::new("api_key", "is required"))?;
+/// `api_key`'s problems never quote the key.
+fn check_api_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
-        return Err(BuildError::new("api_key", "is empty"));
+        return Err("is empty".to_owned());
     }
     if key.trim() != key {
-        return Err(BuildError::new(
-            "api_key",
-            "has leading or trailing whitespace (a copy-paste mistake?)",
-        ));
+        return Err("has leading or trailing whitespace (a copy-paste mistake?)".to_owned());
     }
-    let value = HeaderValue::from_str(key)
-        .ok()
-        .filter(|_| key.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-        .ok_or_else(|| {
-            BuildError::new(
-                "api_key",
-                "may contain only visible ASCII characters and spaces",
-            )
-        })?;
-    Ok(ApiKey::new(value))
-}
-
-fn check_duration(setting: &'static str, value: Duration, max: Duration) -> Result<(), BuildError> {
-    if value < Duration::from_millis(1) {
-        return Err(BuildError::new(
-            setting,
-            format!("must be at least 1 ms, got {value:?}"),
-        ));
-    }
-    if value > max {
-        return Err(BuildError::new(
-            setting,
-            format!("must be at most {max:?}, got {value:?}"),
-        ));
+    if HeaderValue::from_str(key).is_err()
+        || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err("may contain only visible ASCII characters and spaces".to_owned());
     }
     Ok(())
+}
+
+fn check_proxy(raw: &str) -> Result<(), String> {
+    reqwest::Proxy::all(raw)
+        .map(drop)
+        .map_err(|_| PROXY_PROBLEM.to_owned())
 }
 
 impl fmt::Debug for AccessTokenLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessTokenLayerBuilder")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .field("verify_path", &self.verify_path)
-            .field("cache_ttl", &self.cache_ttl)
-            .field("gone_ttl", &self.gone_ttl)
-            .field("upstream_timeout", &self.upstream_timeout)
-            .field("cache_capacity", &self.cache_capacity)
-            .field("gone_capacity", &self.gone_capacity)
-            .field("token_format", &self.token_format)
-            .field(
-                "upstream_proxy",
-                &self.upstream_proxy.as_ref().map(|_| "<set>"),
-            )
-            .field(
-                "max_concurrent_verifications",
-                &self.max_concurrent_verifications,
-            )
-            .field("upstream_retry", &self.upstream_retry)
-            .field("refresh_ahead", &self.refresh_ahead)
-            .field("refresh_ahead_share", &self.refresh_ahead_share)
-            .field("stale_if_error", &self.stale_if_error)
-            .field("circuit_breaker_threshold", &self.circuit_breaker_threshold)
-            .field("circuit_breaker_cool_down", &self.circuit_breaker_cool_down)
+            .field("settings", &self.settings)
             .field("skip", &self.skip)
-            .field("strip_token_header", &self.strip_token_header)
             .field("env_error", &self.env_error)
             .finish()
     }
@@ -803,7 +652,7 @@ mod tests {
             (
                 good().cache_ttl(Duration::ZERO),
                 "cache_ttl",
-                "at least 1 ms",
+                "at least 1ms",
             ),
             (
                 good().gone_ttl(Duration::from_secs(u64::MAX)),
@@ -845,7 +694,7 @@ mod tests {
             (
                 good().stale_if_error(Duration::ZERO),
                 "stale_if_error",
-                "at least 1 ms",
+                "at least 1ms",
             ),
             (
                 good().circuit_breaker_threshold(0),
@@ -855,7 +704,7 @@ mod tests {
             (
                 good().circuit_breaker_cool_down(Duration::ZERO),
                 "circuit_breaker_cool_down",
-                "at least 1 ms",
+                "at least 1ms",
             ),
         ];
         for (builder, setting, problem) in cases {
@@ -889,7 +738,8 @@ mod tests {
     #[test]
     fn a_base_path_prefix_is_kept() {
         let base = parse_base_url("https://h.example/conneqt/").unwrap();
-        let url = join(&base, DEFAULT_VERIFY_PATH, "verify_path").unwrap();
+        let path = Settings::with_defaults().verify_path.unwrap();
+        let url = join(&base, &path, "verify_path").unwrap();
         assert_eq!(
             url.as_str(),
             "https://h.example/conneqt/api/v1/messages/instant/access/token/verify"

@@ -123,12 +123,12 @@ pub mod body;
 #[cfg(feature = "simulator")]
 pub mod simulator;
 
-pub use builder::{
-    AccessTokenLayerBuilder, BuildError, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL,
-    DEFAULT_CIRCUIT_BREAKER_COOL_DOWN, DEFAULT_CIRCUIT_BREAKER_THRESHOLD, DEFAULT_GONE_CAPACITY,
-    DEFAULT_GONE_TTL, DEFAULT_MAX_CONCURRENT_VERIFICATIONS, DEFAULT_REFRESH_AHEAD_SHARE,
-    DEFAULT_UPSTREAM_TIMEOUT, DEFAULT_VERIFY_PATH,
-};
+/// The library's settings as the `conneqt-guard` sidecar's flags. For that binary only: not a
+/// public API, and not covered by semver.
+#[cfg(feature = "sidecar")]
+#[doc(hidden)]
+pub use builder::sidecar as __sidecar;
+pub use builder::{AccessTokenLayerBuilder, BuildError};
 pub use layer::{AccessTokenLayer, ConnectionStatus};
 pub use reject::RejectionReason;
 pub use service::AccessTokenService;

@@ -98,11 +98,6 @@ impl SkipRules {
         self.cors_preflight = true;
     }
 
-    /// The prefixes as configured, for validation in `build()`.
-    pub(crate) fn prefixes(&self) -> &[String] {
-        &self.prefixes
-    }
-
     /// Whether a rule lets `request` through unverified, and which.
     ///
     /// Takes the request by value because a predicate sees its head as [`Parts`], which only

@@ -636,7 +636,7 @@ async fn a_wrong_setting_exits_non_zero_with_the_library_message_naming_it() {
             &["--max-concurrent-verifications", "0"],
             "`max_concurrent_verifications`",
         ),
-        (&["--cache-ttl", "30"], "no unit"),
+        (&["--cache-ttl", "30"], "is not a duration"),
     ];
     for (extra, expected) in cases {
         let mut args = vec![
@@ -772,6 +772,131 @@ async fn strip_and_skip_flags_reach_the_layer() {
         .unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(setup.backend.calls(), 2);
+}
+
+/// The library's grammar on the command line and in the environment: `1m30s`, `1s500ms` and
+/// `=1` booleans, which the sidecar used to refuse, reach the layer.
+#[tokio::test]
+async fn the_librarys_durations_and_booleans_reach_the_layer_from_flags_and_variables() {
+    let sim = Simulator::start().await.unwrap();
+    let backend = Backend::start().await;
+    let proxy = Sidecar::proxy_with_env(
+        &sim,
+        &backend.url(),
+        &["--cache-ttl", "1m30s", "--upstream-retry=false"],
+        &[
+            ("CONNEQT_UPSTREAM_TIMEOUT", "1s500ms"),
+            ("CONNEQT_ACCEPT_OPAQUE_TOKENS", "1"),
+            ("CONNEQT_STRIP_TOKEN_HEADER", "1"),
+        ],
+    )
+    .await;
+
+    // Opaque tokens accepted: a non-UUID token is asked about upstream (which refuses it),
+    // instead of being turned away as malformed without a call.
+    let response = client()
+        .get(proxy.url("/headers"))
+        .header(TOKEN_HEADER, "opaque-token-not-a-uuid")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), 200);
+    assert_eq!(sim.verify_calls(), 1);
+
+    // Stripped: the backend never sees a verified token.
+    let token = sim.issue_token();
+    let response = client()
+        .get(proxy.url("/headers"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: serde_json::Value = response.json().await.unwrap();
+    assert!(seen.get(TOKEN_HEADER).is_none(), "{seen}");
+
+    // `--upstream-retry=false`: one 503 upstream is the answer, not retried.
+    let other = sim.issue_token();
+    sim.fail_next(1, Fault::Status(503));
+    let response = client()
+        .get(proxy.url("/headers"))
+        .header(TOKEN_HEADER, &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(sim.verify_calls_for(&other), 1);
+}
+
+/// With retries on (the default), the same 503 is retried and the request passes.
+#[tokio::test]
+async fn upstream_retry_is_on_by_default_and_its_flag_takes_the_librarys_booleans() {
+    let setup = start(&[
+        "--upstream-retry=1",
+        "--refresh-ahead=0",
+        "--refresh-ahead-share",
+        "0.5",
+    ])
+    .await;
+    let token = setup.sim.issue_token();
+    setup.sim.fail_next(1, Fault::Status(503));
+    let response = client()
+        .get(setup.proxy.url("/headers"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(setup.sim.verify_calls_for(&token), 2);
+}
+
+/// A value the library refuses is refused by the sidecar too, from a flag or a variable, with
+/// the library's message naming the setting.
+#[tokio::test]
+async fn values_the_library_refuses_are_refused_naming_the_setting() {
+    let args = [
+        "proxy",
+        "--backend",
+        "http://127.0.0.1:9",
+        "--base-url",
+        "https://int.conneqt.health",
+        "--api-key",
+        "sekrit-key",
+    ];
+    /// Flags, variables, and what the error must name.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
+        (
+            &[],
+            &[("CONNEQT_UPSTREAM_RETRY", "yes")],
+            "`upstream_retry`",
+        ),
+        (&["--refresh-ahead=yes"], &[], "`refresh_ahead`"),
+        (
+            &["--refresh-ahead-share", "1.5"],
+            &[],
+            "`refresh_ahead_share`",
+        ),
+        (&[], &[("CONNEQT_CACHE_TTL", "1m30")], "`cache_ttl`"),
+    ];
+    for (extra, env, expected) in cases {
+        let mut all = args.to_vec();
+        all.extend_from_slice(extra);
+        let exited = Sidecar::run_to_exit(&all, env).await;
+        assert_eq!(
+            exited.status.code(),
+            Some(1),
+            "{all:?} {env:?}: {}",
+            exited.stderr
+        );
+        assert!(
+            exited.stderr.contains(expected),
+            "{all:?} {env:?}: {}",
+            exited.stderr
+        );
+        assert!(!exited.stderr.contains("sekrit"), "{}", exited.stderr);
+        assert_never_listened(&exited);
+    }
 }
 
 /// Reads a response or request head (up to the blank line), byte by byte so nothing after it

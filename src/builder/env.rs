@@ -3,34 +3,19 @@
 //! Reading goes through a lookup function, so the tests can hand it a map instead of changing
 //! the process environment (which tests running in parallel share).
 
-use std::time::Duration;
-
-use super::{
-    AccessTokenLayerBuilder, BuildError, MAX_COOL_DOWN, MAX_TTL, MAX_UPSTREAM_TIMEOUT, api_key,
-    check_duration, check_path, parse_base_url,
-};
+use super::settings::ROWS;
+use super::{AccessTokenLayerBuilder, BuildError};
 use crate::layer::AccessTokenLayer;
-use crate::skip;
 
-const BASE_URL: &str = "CONNEQT_BASE_URL";
-const API_KEY: &str = "CONNEQT_API_KEY";
-const VERIFY_PATH: &str = "CONNEQT_VERIFY_PATH";
-const CACHE_TTL: &str = "CONNEQT_CACHE_TTL";
-const GONE_TTL: &str = "CONNEQT_GONE_TTL";
-const UPSTREAM_TIMEOUT: &str = "CONNEQT_UPSTREAM_TIMEOUT";
-const CACHE_CAPACITY: &str = "CONNEQT_CACHE_CAPACITY";
-const GONE_CAPACITY: &str = "CONNEQT_GONE_CAPACITY";
-const ACCEPT_OPAQUE_TOKENS: &str = "CONNEQT_ACCEPT_OPAQUE_TOKENS";
-const UPSTREAM_PROXY: &str = "CONNEQT_UPSTREAM_PROXY";
-const SKIP_PATH_PREFIXES: &str = "CONNEQT_SKIP_PATH_PREFIXES";
-const STRIP_TOKEN_HEADER: &str = "CONNEQT_STRIP_TOKEN_HEADER";
-const REFRESH_AHEAD: &str = "CONNEQT_REFRESH_AHEAD";
-const REFRESH_AHEAD_SHARE: &str = "CONNEQT_REFRESH_AHEAD_SHARE";
-const STALE_IF_ERROR: &str = "CONNEQT_STALE_IF_ERROR";
-const MAX_CONCURRENT_VERIFICATIONS: &str = "CONNEQT_MAX_CONCURRENT_VERIFICATIONS";
-const UPSTREAM_RETRY: &str = "CONNEQT_UPSTREAM_RETRY";
-const CIRCUIT_BREAKER_THRESHOLD: &str = "CONNEQT_CIRCUIT_BREAKER_THRESHOLD";
-const CIRCUIT_BREAKER_COOL_DOWN: &str = "CONNEQT_CIRCUIT_BREAKER_COOL_DOWN";
+/// Where [`AccessTokenLayerBuilder::read`] gets its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// `CONNEQT_*` variables, or a lookup standing in for them: errors name the variable.
+    Environment,
+    /// The sidecar's flags (or their variables): errors name the setting, as setters' do.
+    #[cfg_attr(not(feature = "sidecar"), allow(dead_code))]
+    Flags,
+}
 
 impl AccessTokenLayerBuilder {
     /// Starts a builder from `CONNEQT_*` environment variables.
@@ -58,7 +43,7 @@ impl AccessTokenLayerBuilder {
     /// | `CONNEQT_CIRCUIT_BREAKER_COOL_DOWN` | [`circuit_breaker_cool_down`](Self::circuit_breaker_cool_down) | duration |
     ///
     /// A duration is whole numbers with units `h`, `m`, `s`, `ms`, largest first: `30s`,
-    /// `500ms`, `10m`, `1h`, `1m30s`. A boolean is `true`, `false`, `1` or `0`.
+    /// `500ms`, `10m`, `1h`, `1m30s`, `1s500ms`. A boolean is `true`, `false`, `1` or `0`.
     ///
     /// An unset variable, or one set to the empty string, leaves the default (`base_url` and
     /// `api_key` stay required). Setters called afterwards override what the environment
@@ -91,125 +76,55 @@ impl AccessTokenLayerBuilder {
         })
     }
 
-    /// [`from_env`](Self::from_env) over any source of variables.
-    pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
-        let mut env = Reader {
-            lookup,
-            error: None,
-        };
+    /// [`from_env`](Self::from_env) over any source of variables: `lookup` is asked for each
+    /// `CONNEQT_*` name and returns its value, if any. Everything `from_env` says holds,
+    /// including the errors naming the variable. The `conneqt-guard` sidecar hands its flags
+    /// to the library this way, so both read values with the same grammar.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use conneqt_guard::AccessTokenLayerBuilder;
+    ///
+    /// let vars = HashMap::from([
+    ///     ("CONNEQT_BASE_URL", "https://int.conneqt.health"),
+    ///     ("CONNEQT_API_KEY", "my-key"),
+    ///     ("CONNEQT_CACHE_TTL", "1m30s"),
+    /// ]);
+    /// let lookup = |name: &str| vars.get(name).map(|value| value.to_string());
+    /// let guard = AccessTokenLayerBuilder::from_lookup(lookup).build()?;
+    /// # let _ = guard;
+    ///
+    /// let vars = HashMap::from([("CONNEQT_UPSTREAM_RETRY", "yes")]);
+    /// let lookup = |name: &str| vars.get(name).map(|value| value.to_string());
+    /// let error = AccessTokenLayerBuilder::from_lookup(lookup).build().unwrap_err();
+    /// assert_eq!(error.environment_variable(), Some("CONNEQT_UPSTREAM_RETRY"));
+    /// assert_eq!(error.setting(), "upstream_retry");
+    /// # Ok::<(), conneqt_guard::BuildError>(())
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        Self::read(lookup, Source::Environment)
+    }
+
+    /// The rows' values from `lookup`; errors name the variable if they come from `source`'s
+    /// environment, else only the setting.
+    pub(crate) fn read(lookup: impl Fn(&str) -> Option<String>, source: Source) -> Self {
         let mut builder = Self::default();
-
-        if let Some(url) = env.read(BASE_URL, "base_url", |raw| {
-            parse_base_url(raw).map(|_| raw.to_owned()).map_err(problem)
-        }) {
-            builder = builder.base_url(url);
+        for row in ROWS {
+            let Some(raw) = lookup(row.variable).filter(|raw| !raw.is_empty()) else {
+                continue;
+            };
+            match row.parse_checked(&raw) {
+                Ok(value) => row.set(&mut builder.settings, value),
+                Err(problem) => {
+                    builder.env_error.get_or_insert(BuildError {
+                        setting: row.name,
+                        variable: (source == Source::Environment).then_some(row.variable),
+                        problem,
+                        source: None,
+                    });
+                }
+            }
         }
-        // `api_key`'s problems never quote the key.
-        if let Some(key) = env.read(API_KEY, "api_key", |raw| {
-            api_key(Some(raw)).map(|_| raw.to_owned()).map_err(problem)
-        }) {
-            builder = builder.api_key(key);
-        }
-        if let Some(path) = env.read(VERIFY_PATH, "verify_path", |raw| {
-            check_path(raw).map(|()| raw.to_owned()).map_err(problem)
-        }) {
-            builder = builder.verify_path(path);
-        }
-        if let Some(ttl) = env.read(CACHE_TTL, "cache_ttl", |raw| {
-            duration_in_range(raw, "cache_ttl", MAX_TTL)
-        }) {
-            builder = builder.cache_ttl(ttl);
-        }
-        if let Some(ttl) = env.read(GONE_TTL, "gone_ttl", |raw| {
-            duration_in_range(raw, "gone_ttl", MAX_TTL)
-        }) {
-            builder = builder.gone_ttl(ttl);
-        }
-        if let Some(timeout) = env.read(UPSTREAM_TIMEOUT, "upstream_timeout", |raw| {
-            duration_in_range(raw, "upstream_timeout", MAX_UPSTREAM_TIMEOUT)
-        }) {
-            builder = builder.upstream_timeout(timeout);
-        }
-        if let Some(tokens) = env.read(CACHE_CAPACITY, "cache_capacity", capacity) {
-            builder = builder.cache_capacity(tokens);
-        }
-        if let Some(tokens) = env.read(GONE_CAPACITY, "gone_capacity", capacity) {
-            builder = builder.gone_capacity(tokens);
-        }
-        if let Some(accept) = env.read(ACCEPT_OPAQUE_TOKENS, "accept_opaque_tokens", boolean) {
-            builder = builder.accept_opaque_tokens(accept);
-        }
-        if let Some(proxy) = env.read(UPSTREAM_PROXY, "upstream_proxy", |raw| {
-            // Not quoted: a proxy URL may carry credentials.
-            reqwest::Proxy::all(raw)
-                .map(|_| raw.to_owned())
-                .map_err(|_| "is not a valid proxy URL (e.g. http://proxy.internal:3128)".into())
-        }) {
-            builder = builder.upstream_proxy(proxy);
-        }
-        if let Some(prefixes) = env.read(SKIP_PATH_PREFIXES, "skip_path_prefix", prefixes) {
-            builder = prefixes
-                .into_iter()
-                .fold(builder, AccessTokenLayerBuilder::skip_path_prefix);
-        }
-        if let Some(strip) = env.read(STRIP_TOKEN_HEADER, "strip_token_header", boolean) {
-            builder = builder.strip_token_header(strip);
-        }
-
-        if let Some(on) = env.read(REFRESH_AHEAD, "refresh_ahead", boolean) {
-            builder = builder.refresh_ahead(on);
-        }
-        if let Some(share) = env.read(REFRESH_AHEAD_SHARE, "refresh_ahead_share", |raw| match raw
-            .parse::<f64>()
-        {
-            Ok(share) if share > 0.0 && share < 1.0 => Ok(share),
-            _ => Err(format!(
-                "{raw:?} is not a number between 0 and 1, exclusive (e.g. 0.8)"
-            )),
-        }) {
-            builder = builder.refresh_ahead_share(share);
-        }
-        if let Some(grace) = env.read(STALE_IF_ERROR, "stale_if_error", |raw| {
-            duration_in_range(raw, "stale_if_error", MAX_TTL)
-        }) {
-            builder = builder.stale_if_error(grace);
-        }
-        if let Some(calls) = env.read(
-            MAX_CONCURRENT_VERIFICATIONS,
-            "max_concurrent_verifications",
-            |raw| {
-                capacity(raw).and_then(|calls| {
-                    usize::try_from(calls)
-                        .ok()
-                        .filter(|calls| *calls <= tokio::sync::Semaphore::MAX_PERMITS)
-                        .ok_or_else(|| format!("{raw:?} is out of range"))
-                })
-            },
-        ) {
-            builder = builder.max_concurrent_verifications(calls);
-        }
-        if let Some(retry) = env.read(UPSTREAM_RETRY, "upstream_retry", boolean) {
-            builder = builder.upstream_retry(retry);
-        }
-        if let Some(failures) = env.read(
-            CIRCUIT_BREAKER_THRESHOLD,
-            "circuit_breaker_threshold",
-            |raw| {
-                capacity(raw)
-                    .and_then(|n| u32::try_from(n).map_err(|_| format!("{raw:?} is out of range")))
-            },
-        ) {
-            builder = builder.circuit_breaker_threshold(failures);
-        }
-        if let Some(cool_down) = env.read(
-            CIRCUIT_BREAKER_COOL_DOWN,
-            "circuit_breaker_cool_down",
-            |raw| duration_in_range(raw, "circuit_breaker_cool_down", MAX_COOL_DOWN),
-        ) {
-            builder = builder.circuit_breaker_cool_down(cool_down);
-        }
-
-        builder.env_error = env.error;
         builder
     }
 }
@@ -228,112 +143,33 @@ impl AccessTokenLayer {
     }
 }
 
-/// Reads variables through `lookup`, remembering the first one that cannot be used.
-struct Reader<L> {
-    lookup: L,
-    error: Option<BuildError>,
-}
-
-impl<L: Fn(&str) -> Option<String>> Reader<L> {
-    /// The parsed value of `variable`; `None` when it is unset, empty or unusable (the first
-    /// unusable one is kept as the error, which names `variable` and feeds `setting`).
-    fn read<T>(
-        &mut self,
-        variable: &'static str,
-        setting: &'static str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let raw = (self.lookup)(variable).filter(|raw| !raw.is_empty())?;
-        match parse(&raw) {
-            Ok(value) => Some(value),
-            Err(problem) => {
-                self.error.get_or_insert(BuildError {
-                    setting,
-                    variable: Some(variable),
-                    problem,
-                    source: None,
-                });
-                None
-            }
-        }
-    }
-}
-
-/// A validator's problem text, to be re-attributed to the variable.
-fn problem(error: BuildError) -> String {
-    error.problem
-}
-
-fn duration_in_range(raw: &str, setting: &'static str, max: Duration) -> Result<Duration, String> {
-    let duration = parse_duration(raw)
-        .ok_or_else(|| format!("{raw:?} is not a duration (use e.g. 30s, 500ms, 10m)"))?;
-    check_duration(setting, duration, max)
-        .map_err(|error| format!("{raw:?} is out of range: {}", error.problem))?;
-    Ok(duration)
-}
-
-fn capacity(raw: &str) -> Result<u64, String> {
-    match raw.parse::<u64>() {
-        Ok(0) => Err(format!("{raw:?} is out of range: must be at least 1")),
-        Ok(tokens) => Ok(tokens),
-        Err(_) => Err(format!("{raw:?} is not a whole number (e.g. 100000)")),
-    }
-}
-
-fn boolean(raw: &str) -> Result<bool, String> {
-    match raw {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(format!(
-            "{raw:?} is not a boolean (use true, false, 1 or 0)"
-        )),
-    }
-}
-
-/// Comma-separated prefixes; spaces around entries and empty entries are ignored.
-fn prefixes(raw: &str) -> Result<Vec<String>, String> {
-    raw.split(',')
-        .map(str::trim)
-        .filter(|prefix| !prefix.is_empty())
-        .map(|prefix| skip::check_prefix(prefix).map(|()| prefix.to_owned()))
-        .collect()
-}
-
-/// Parses `30s`, `500ms`, `10m`, `1h` and combinations such as `1h30m` or `1m30s500ms`:
-/// whole numbers, each with a unit, units largest first and at most once. No spaces, signs,
-/// fractions or bare numbers; `None` for anything else, or beyond `u64` milliseconds.
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
-    const UNITS: [(&str, u64); 4] = [("h", 3_600_000), ("ms", 1), ("m", 60_000), ("s", 1_000)];
-    let mut rest = text;
-    let mut total_ms: u64 = 0;
-    let mut previous_ms = u64::MAX;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let number: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        // `ms` is tried before `m`, so `5ms` is never read as minutes followed by junk.
-        let (unit, unit_ms) = UNITS.into_iter().find(|(unit, _)| rest.starts_with(unit))?;
-        if unit_ms >= previous_ms {
-            return None;
-        }
-        previous_ms = unit_ms;
-        rest = &rest[unit.len()..];
-        total_ms = total_ms.checked_add(number.checked_mul(unit_ms)?)?;
-    }
-    Some(Duration::from_millis(total_ms))
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::time::Duration;
 
+    use super::super::settings::parse_duration;
     use super::*;
+
+    const BASE_URL: &str = "CONNEQT_BASE_URL";
+    const API_KEY: &str = "CONNEQT_API_KEY";
+    const VERIFY_PATH: &str = "CONNEQT_VERIFY_PATH";
+    const CACHE_TTL: &str = "CONNEQT_CACHE_TTL";
+    const GONE_TTL: &str = "CONNEQT_GONE_TTL";
+    const UPSTREAM_TIMEOUT: &str = "CONNEQT_UPSTREAM_TIMEOUT";
+    const CACHE_CAPACITY: &str = "CONNEQT_CACHE_CAPACITY";
+    const GONE_CAPACITY: &str = "CONNEQT_GONE_CAPACITY";
+    const ACCEPT_OPAQUE_TOKENS: &str = "CONNEQT_ACCEPT_OPAQUE_TOKENS";
+    const UPSTREAM_PROXY: &str = "CONNEQT_UPSTREAM_PROXY";
+    const SKIP_PATH_PREFIXES: &str = "CONNEQT_SKIP_PATH_PREFIXES";
+    const STRIP_TOKEN_HEADER: &str = "CONNEQT_STRIP_TOKEN_HEADER";
+    const REFRESH_AHEAD: &str = "CONNEQT_REFRESH_AHEAD";
+    const REFRESH_AHEAD_SHARE: &str = "CONNEQT_REFRESH_AHEAD_SHARE";
+    const STALE_IF_ERROR: &str = "CONNEQT_STALE_IF_ERROR";
+    const MAX_CONCURRENT_VERIFICATIONS: &str = "CONNEQT_MAX_CONCURRENT_VERIFICATIONS";
+    const UPSTREAM_RETRY: &str = "CONNEQT_UPSTREAM_RETRY";
+    const CIRCUIT_BREAKER_THRESHOLD: &str = "CONNEQT_CIRCUIT_BREAKER_THRESHOLD";
+    const CIRCUIT_BREAKER_COOL_DOWN: &str = "CONNEQT_CIRCUIT_BREAKER_COOL_DOWN";
 
     fn lookup(vars: &[(&str, &str)]) -> AccessTokenLayerBuilder {
         let vars: HashMap<String, String> = vars
@@ -408,8 +244,8 @@ mod tests {
     fn no_variables_give_the_defaults_and_build_still_requires_url_and_key() {
         let builder = lookup(&[]);
         assert!(builder.env_error.is_none());
-        assert_eq!(builder.cache_ttl, super::super::DEFAULT_CACHE_TTL);
-        assert!(!builder.strip_token_header);
+        assert_eq!(builder.settings.cache_ttl, Duration::from_secs(30));
+        assert!(!builder.settings.strip_token_header);
         let error = builder.build().unwrap_err();
         assert_eq!(error.setting(), "base_url");
         assert_eq!(error.environment_variable(), None);
@@ -433,23 +269,32 @@ mod tests {
         ]);
         assert!(builder.env_error.is_none(), "{:?}", builder.env_error);
         assert_eq!(
-            builder.base_url.as_deref(),
+            builder.settings.base_url.as_deref(),
             Some("https://h.example/conneqt")
         );
-        assert_eq!(builder.api_key.as_deref(), Some("sekrit-env-key-0123"));
-        assert_eq!(builder.verify_path, "/v2/verify");
-        assert_eq!(builder.cache_ttl, Duration::from_secs(90));
-        assert_eq!(builder.gone_ttl, Duration::from_secs(3600));
-        assert_eq!(builder.upstream_timeout, Duration::from_millis(500));
-        assert_eq!(builder.cache_capacity, 42);
-        assert_eq!(builder.gone_capacity, 7);
-        assert_eq!(builder.token_format, crate::token::TokenFormat::Opaque);
         assert_eq!(
-            builder.upstream_proxy.as_deref(),
+            builder.settings.api_key.as_deref(),
+            Some("sekrit-env-key-0123")
+        );
+        assert_eq!(builder.settings.verify_path.as_deref(), Some("/v2/verify"));
+        assert_eq!(builder.settings.cache_ttl, Duration::from_secs(90));
+        assert_eq!(builder.settings.gone_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            builder.settings.upstream_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(builder.settings.cache_capacity, 42);
+        assert_eq!(builder.settings.gone_capacity, 7);
+        assert!(builder.settings.accept_opaque_tokens);
+        assert_eq!(
+            builder.settings.upstream_proxy.as_deref(),
             Some("http://proxy.internal:3128")
         );
-        assert_eq!(builder.skip.prefixes(), ["/health", "/metrics/"]);
-        assert!(builder.strip_token_header);
+        assert_eq!(
+            builder.settings.skip_path_prefixes,
+            ["/health", "/metrics/"]
+        );
+        assert!(builder.settings.strip_token_header);
         builder.build().expect("the environment's settings build");
     }
 
@@ -465,13 +310,19 @@ mod tests {
             (CIRCUIT_BREAKER_COOL_DOWN, "10s"),
         ]);
         assert!(builder.env_error.is_none(), "{:?}", builder.env_error);
-        assert!(!builder.refresh_ahead);
-        assert_eq!(builder.refresh_ahead_share, 0.5);
-        assert_eq!(builder.stale_if_error, Some(Duration::from_secs(120)));
-        assert_eq!(builder.max_concurrent_verifications, 16);
-        assert!(!builder.upstream_retry);
-        assert_eq!(builder.circuit_breaker_threshold, 3);
-        assert_eq!(builder.circuit_breaker_cool_down, Duration::from_secs(10));
+        assert!(!builder.settings.refresh_ahead);
+        assert_eq!(builder.settings.refresh_ahead_share, 0.5);
+        assert_eq!(
+            builder.settings.stale_if_error,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(builder.settings.max_concurrent_verifications, 16);
+        assert!(!builder.settings.upstream_retry);
+        assert_eq!(builder.settings.circuit_breaker_threshold, 3);
+        assert_eq!(
+            builder.settings.circuit_breaker_cool_down,
+            Duration::from_secs(10)
+        );
         builder.build().expect("the environment's settings build");
 
         for (variable, raw) in [
@@ -496,13 +347,8 @@ mod tests {
         for (raw, expected) in [("true", true), ("1", true), ("false", false), ("0", false)] {
             let builder = with_required(&[(STRIP_TOKEN_HEADER, raw), (ACCEPT_OPAQUE_TOKENS, raw)]);
             assert!(builder.env_error.is_none(), "{raw}");
-            assert_eq!(builder.strip_token_header, expected, "{raw}");
-            let format = if expected {
-                crate::token::TokenFormat::Opaque
-            } else {
-                crate::token::TokenFormat::Uuid
-            };
-            assert_eq!(builder.token_format, format, "{raw}");
+            assert_eq!(builder.settings.strip_token_header, expected, "{raw}");
+            assert_eq!(builder.settings.accept_opaque_tokens, expected, "{raw}");
         }
     }
 
@@ -510,8 +356,8 @@ mod tests {
     fn an_empty_variable_counts_as_unset() {
         let builder = with_required(&[(CACHE_TTL, ""), (SKIP_PATH_PREFIXES, "")]);
         assert!(builder.env_error.is_none());
-        assert_eq!(builder.cache_ttl, super::super::DEFAULT_CACHE_TTL);
-        assert!(builder.skip.prefixes().is_empty());
+        assert_eq!(builder.settings.cache_ttl, Duration::from_secs(30));
+        assert!(builder.settings.skip_path_prefixes.is_empty());
     }
 
     #[test]
@@ -534,7 +380,7 @@ mod tests {
                 CACHE_TTL,
                 "0s",
                 "cache_ttl",
-                "is out of range: must be at least 1 ms",
+                "is out of range: must be at least 1ms",
             ),
             (GONE_TTL, "30", "gone_ttl", "is not a duration"),
             (
@@ -646,9 +492,12 @@ mod tests {
             .cache_ttl(Duration::from_secs(5))
             .base_url("https://other.example")
             .skip_path_prefix("/metrics");
-        assert_eq!(builder.cache_ttl, Duration::from_secs(5));
-        assert_eq!(builder.base_url.as_deref(), Some("https://other.example"));
-        assert_eq!(builder.skip.prefixes(), ["/health", "/metrics"]);
+        assert_eq!(builder.settings.cache_ttl, Duration::from_secs(5));
+        assert_eq!(
+            builder.settings.base_url.as_deref(),
+            Some("https://other.example")
+        );
+        assert_eq!(builder.settings.skip_path_prefixes, ["/health", "/metrics"]);
         builder.build().unwrap();
     }
 

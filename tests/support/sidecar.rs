@@ -41,7 +41,12 @@ impl Sidecar {
     /// Starts the binary with `args` (plus `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0`)
     /// and waits until it prints both addresses.
     pub async fn start(args: &[&str]) -> Sidecar {
-        let mut sidecar = Self::spawn(args);
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// [`Sidecar::start`] with the variables in `env` set too.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let mut sidecar = Self::spawn_with_env(args, env);
         let admin = sidecar.line_after("admin listening on ").await;
         let addr = sidecar.line_after("listening on ").await;
         sidecar.admin = admin.parse().unwrap();
@@ -51,6 +56,16 @@ impl Sidecar {
 
     /// `conneqt-guard proxy` in front of `backend`, verifying against `sim`, with `extra` flags.
     pub async fn proxy(sim: &Simulator, backend: &str, extra: &[&str]) -> Sidecar {
+        Self::proxy_with_env(sim, backend, extra, &[]).await
+    }
+
+    /// [`Sidecar::proxy`] with the variables in `env` set too.
+    pub async fn proxy_with_env(
+        sim: &Simulator,
+        backend: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let base_url = sim.base_url();
         let mut args = vec![
             "proxy",
@@ -62,11 +77,16 @@ impl Sidecar {
             sim.api_key(),
         ];
         args.extend_from_slice(extra);
-        Sidecar::start(&args).await
+        Sidecar::start_with_env(&args, env).await
     }
 
     /// Starts the binary with exactly `args` and does not wait for anything.
     pub fn spawn(args: &[&str]) -> Sidecar {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`Sidecar::spawn`] with the variables in `env` set too.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let mut command = Command::new(env!("CARGO_BIN_EXE_conneqt-guard"));
         command.args(args);
         if matches!(args.first(), Some(&"proxy" | &"forward-auth")) {
@@ -76,6 +96,7 @@ impl Sidecar {
             .env("RUST_LOG", "conneqt_guard=debug,warn")
             .env_remove("CONNEQT_BASE_URL")
             .env_remove("CONNEQT_API_KEY")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

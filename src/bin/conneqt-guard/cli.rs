@@ -1,25 +1,19 @@
 //! Command-line and environment settings, mirroring the library's builder.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use conneqt_guard::{
-    AccessTokenLayer, AccessTokenLayerBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL,
-    DEFAULT_CIRCUIT_BREAKER_COOL_DOWN, DEFAULT_CIRCUIT_BREAKER_THRESHOLD, DEFAULT_GONE_CAPACITY,
-    DEFAULT_GONE_TTL, DEFAULT_MAX_CONCURRENT_VERIFICATIONS, DEFAULT_UPSTREAM_TIMEOUT,
-    DEFAULT_VERIFY_PATH,
-};
+use clap::{ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+use conneqt_guard::__sidecar as settings;
+use conneqt_guard::AccessTokenLayerBuilder;
 
 /// Verifies Quicksilva Conneqt instant-messaging access tokens in front of any HTTP or gRPC
 /// service: as a reverse proxy (`proxy`) or as the auth service of nginx `auth_request`,
 /// Traefik `ForwardAuth` or Envoy `ext_authz` (`forward-auth`).
 ///
 /// Every setting can also be given as the environment variable named beside it. Durations are
-/// written like `500ms`, `30s`, `10m`, `1h`. Logs go to stderr (filter with `RUST_LOG`); the
+/// written like `500ms`, `30s`, `1m30s`, `1h`; booleans as `true`, `false`, `1` or `0`. Logs go to stderr (filter with `RUST_LOG`); the
 /// token and the API key are never logged.
 #[derive(Debug, Parser)]
 #[command(name = "conneqt-guard", version)]
@@ -53,25 +47,25 @@ pub(crate) struct ProxyArgs {
     /// How long a client connection may stay idle between two requests, and may take to send a
     /// whole request head (nginx `client_header_timeout`). More than zero.
     #[arg(long, env = "CONNEQT_GUARD_REQUEST_HEAD_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub(crate) request_head_timeout: HumanDuration,
+    pub(crate) request_head_timeout: Duration,
     /// How long a client may stay idle between two reads of a request body (nginx
     /// `client_body_timeout`); then `408`, or a close once the answer has started. More than
     /// zero.
     #[arg(long, env = "CONNEQT_GUARD_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub(crate) request_body_timeout: HumanDuration,
+    pub(crate) request_body_timeout: Duration,
     /// How long connecting to the backend may take (nginx `proxy_connect_timeout`); then `504`.
     /// More than zero.
     #[arg(long, env = "CONNEQT_GUARD_BACKEND_CONNECT_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub(crate) backend_connect_timeout: HumanDuration,
+    pub(crate) backend_connect_timeout: Duration,
     /// How long the backend may take from the request sent to its response head (nginx
     /// `proxy_read_timeout`); then `504`. More than zero.
     #[arg(long, env = "CONNEQT_GUARD_BACKEND_RESPONSE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub(crate) backend_response_timeout: HumanDuration,
+    pub(crate) backend_response_timeout: Duration,
     /// How long the backend may stay idle between two reads of a response body (nginx
     /// `proxy_read_timeout`); then the client's connection is closed, as the answer has
     /// started. More than zero.
     #[arg(long, env = "CONNEQT_GUARD_BACKEND_BODY_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
-    pub(crate) backend_body_timeout: HumanDuration,
+    pub(crate) backend_body_timeout: Duration,
     #[command(flatten)]
     pub(crate) common: Common,
 }
@@ -80,11 +74,11 @@ impl ProxyArgs {
     /// The proxy's timeouts from their flags.
     pub(crate) fn timeouts(&self) -> crate::proxy::Timeouts {
         crate::proxy::Timeouts {
-            request_head: self.request_head_timeout.0,
-            request_body: self.request_body_timeout.0,
-            backend_connect: self.backend_connect_timeout.0,
-            backend_response: self.backend_response_timeout.0,
-            backend_body: self.backend_body_timeout.0,
+            request_head: self.request_head_timeout,
+            request_body: self.request_body_timeout,
+            backend_connect: self.backend_connect_timeout,
+            backend_response: self.backend_response_timeout,
+            backend_body: self.backend_body_timeout,
         }
     }
 }
@@ -103,62 +97,8 @@ pub(crate) struct ForwardAuthArgs {
 /// Settings both modes share: the guard's own, the admin listener and shutdown.
 #[derive(Debug, Args)]
 pub(crate) struct Common {
-    /// Conneqt's base URL, e.g. `https://int.conneqt.health`. Required unless `--simulator`.
-    #[arg(long, env = "CONNEQT_BASE_URL")]
-    pub(crate) base_url: Option<String>,
-    /// The API key Quicksilva issued to your system, sent as `ApiKey`. Required unless
-    /// `--simulator`. Never printed or logged.
-    #[arg(long, env = "CONNEQT_API_KEY", hide_env_values = true)]
-    pub(crate) api_key: Option<String>,
-    /// The verify endpoint's path, appended to the base URL.
-    #[arg(long, env = "CONNEQT_VERIFY_PATH", default_value = DEFAULT_VERIFY_PATH)]
-    pub(crate) verify_path: String,
-    /// How long a valid verdict is trusted; also the longest a revoked token goes on working.
-    #[arg(long, env = "CONNEQT_CACHE_TTL", default_value_t = HumanDuration(DEFAULT_CACHE_TTL))]
-    pub(crate) cache_ttl: HumanDuration,
-    /// How long a revoked (`410`) verdict is remembered.
-    #[arg(long, env = "CONNEQT_GONE_TTL", default_value_t = HumanDuration(DEFAULT_GONE_TTL))]
-    pub(crate) gone_ttl: HumanDuration,
-    /// The deadline for one whole upstream verify call.
-    #[arg(long, env = "CONNEQT_UPSTREAM_TIMEOUT", default_value_t = HumanDuration(DEFAULT_UPSTREAM_TIMEOUT))]
-    pub(crate) upstream_timeout: HumanDuration,
-    /// Upstream verify calls in flight at once.
-    #[arg(long, env = "CONNEQT_MAX_CONCURRENT_VERIFICATIONS", default_value_t = DEFAULT_MAX_CONCURRENT_VERIFICATIONS)]
-    pub(crate) max_concurrent_verifications: usize,
-    /// Opt-in grace: while the upstream is unavailable, a token whose valid verdict expired
-    /// less than this long ago still passes [default: off].
-    #[arg(long, env = "CONNEQT_STALE_IF_ERROR")]
-    pub(crate) stale_if_error: Option<HumanDuration>,
-    /// Valid tokens remembered at once.
-    #[arg(long, env = "CONNEQT_CACHE_CAPACITY", default_value_t = DEFAULT_CACHE_CAPACITY)]
-    pub(crate) cache_capacity: u64,
-    /// Revoked tokens remembered at once.
-    #[arg(long, env = "CONNEQT_GONE_CAPACITY", default_value_t = DEFAULT_GONE_CAPACITY)]
-    pub(crate) gone_capacity: u64,
-    /// Accept any 1-256 visible-ASCII token instead of only UUIDs.
-    #[arg(long, env = "CONNEQT_ACCEPT_OPAQUE_TOKENS")]
-    pub(crate) accept_opaque_tokens: bool,
-    /// Proxy mode: remove the token header before forwarding, so the backend never sees it.
-    #[arg(long, env = "CONNEQT_STRIP_TOKEN_HEADER")]
-    pub(crate) strip_token_header: bool,
-    /// Requests whose path starts with this prefix (on whole segments) pass unverified, e.g.
-    /// `/healthz`. Repeat the flag, or separate prefixes with commas [default: none].
-    #[arg(
-        long = "skip-path-prefix",
-        env = "CONNEQT_SKIP_PATH_PREFIXES",
-        value_delimiter = ','
-    )]
-    pub(crate) skip_path_prefixes: Vec<String>,
-    /// An HTTP(S) proxy for upstream calls [default: none; HTTP_PROXY is ignored]. May hold
-    /// credentials, so its value is never printed.
-    #[arg(long, env = "CONNEQT_UPSTREAM_PROXY", hide_env_values = true)]
-    pub(crate) upstream_proxy: Option<String>,
-    /// Consecutive upstream failures that open the circuit breaker.
-    #[arg(long, env = "CONNEQT_CIRCUIT_BREAKER_THRESHOLD", default_value_t = DEFAULT_CIRCUIT_BREAKER_THRESHOLD)]
-    pub(crate) circuit_breaker_threshold: u32,
-    /// How long an open circuit fails fast before one probe is let through.
-    #[arg(long, env = "CONNEQT_CIRCUIT_BREAKER_COOL_DOWN", default_value_t = HumanDuration(DEFAULT_CIRCUIT_BREAKER_COOL_DOWN))]
-    pub(crate) circuit_breaker_cool_down: HumanDuration,
+    #[command(flatten)]
+    pub(crate) guard: GuardSettings,
     /// The admin listener: `/healthz`, `/readyz` (checks the API key with Conneqt's
     /// `/api/v1/test`) and `/metrics` (Prometheus). Printed as `admin listening on ADDR`.
     #[arg(
@@ -172,8 +112,8 @@ pub(crate) struct Common {
     #[arg(long, env = "CONNEQT_GUARD_WORKERS")]
     pub(crate) workers: Option<NonZeroUsize>,
     /// After SIGTERM or SIGINT: how long in-flight requests may take to finish.
-    #[arg(long, env = "CONNEQT_GUARD_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(Duration::from_secs(10)))]
-    pub(crate) shutdown_timeout: HumanDuration,
+    #[arg(long, env = "CONNEQT_GUARD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = settings::parse_duration)]
+    pub(crate) shutdown_timeout: Duration,
     /// Start the embedded Conneqt simulator and verify against it; prints a valid and a revoked
     /// token to try. For demos and tests only. Cannot be combined with `--base-url` or
     /// `--api-key`, also when they come from `CONNEQT_BASE_URL` or `CONNEQT_API_KEY`: unset
@@ -191,141 +131,49 @@ impl Common {
 
     /// The library builder with every setting applied; `build()` then checks them all.
     pub(crate) fn builder(&self) -> AccessTokenLayerBuilder {
-        let mut builder = AccessTokenLayer::builder()
-            .verify_path(&self.verify_path)
-            .cache_ttl(self.cache_ttl.0)
-            .gone_ttl(self.gone_ttl.0)
-            .upstream_timeout(self.upstream_timeout.0)
-            .max_concurrent_verifications(self.max_concurrent_verifications)
-            .cache_capacity(self.cache_capacity)
-            .gone_capacity(self.gone_capacity)
-            .accept_opaque_tokens(self.accept_opaque_tokens)
-            .circuit_breaker_threshold(self.circuit_breaker_threshold)
-            .circuit_breaker_cool_down(self.circuit_breaker_cool_down.0)
-            .strip_token_header(self.strip_token_header);
-        for prefix in &self.skip_path_prefixes {
-            builder = builder.skip_path_prefix(prefix.trim());
-        }
-        if let Some(url) = &self.base_url {
-            builder = builder.base_url(url);
-        }
-        if let Some(key) = &self.api_key {
-            builder = builder.api_key(key);
-        }
-        if let Some(grace) = self.stale_if_error {
-            builder = builder.stale_if_error(grace.0);
-        }
-        if let Some(proxy) = &self.upstream_proxy {
-            builder = builder.upstream_proxy(proxy);
-        }
-        builder
+        self.guard.0.builder()
     }
 }
 
-/// A duration written with a unit: `250ms`, `30s`, `10m`, `1h`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct HumanDuration(pub(crate) Duration);
+/// The library's settings, one flag per row of its settings table (`--cache-ttl` and
+/// `CONNEQT_CACHE_TTL` for `cache_ttl`), read with the library's grammar.
+#[derive(Debug)]
+pub(crate) struct GuardSettings(settings::Values);
 
-impl FromStr for HumanDuration {
-    type Err = String;
+impl Args for GuardSettings {
+    fn augment_args(command: Command) -> Command {
+        command.args(settings::args())
+    }
 
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("{text:?} has no unit: write e.g. 500ms, 30s, 10m or 1h"))?;
-        let (number, unit) = text.split_at(split);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} does not start with a whole number"))?;
-        let millis_per_unit: u64 = match unit {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            _ => {
-                return Err(format!(
-                    "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-                ));
-            }
-        };
-        number
-            .checked_mul(millis_per_unit)
-            .map(|millis| Self(Duration::from_millis(millis)))
-            .ok_or_else(|| format!("{text:?} is too long"))
+    fn augment_args_for_update(command: Command) -> Command {
+        Self::augment_args(command)
     }
 }
 
-/// A [`HumanDuration`] that must be more than zero (clap names the flag in the error).
-fn positive_duration(text: &str) -> Result<HumanDuration, String> {
-    let duration: HumanDuration = text.parse()?;
-    if duration.0.is_zero() {
+impl FromArgMatches for GuardSettings {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self(settings::values(matches)))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+/// A duration in the library's grammar that must be more than zero (clap names the flag in
+/// the error).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = settings::parse_duration(text)?;
+    if duration.is_zero() {
         return Err("must be more than zero".to_owned());
     }
     Ok(duration)
 }
 
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let millis = self.0.as_millis();
-        let (value, unit) = match millis {
-            0 => (0, "s"),
-            m if m % 3_600_000 == 0 => (m / 3_600_000, "h"),
-            m if m % 60_000 == 0 => (m / 60_000, "m"),
-            m if m % 1_000 == 0 => (m / 1_000, "s"),
-            m => (m, "ms"),
-        };
-        write!(f, "{value}{unit}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(text: &str) -> Result<Duration, String> {
-        text.parse::<HumanDuration>().map(|d| d.0)
-    }
-
-    #[test]
-    fn durations_with_units_parse() {
-        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse("0s"), Ok(Duration::ZERO));
-    }
-
-    #[test]
-    fn durations_without_a_known_unit_are_refused_with_a_hint() {
-        for bad in [
-            "30",
-            "",
-            "s",
-            "1.5s",
-            "10 parsecs",
-            "-1s",
-            "99999999999999999999h",
-        ] {
-            let error = parse(bad).unwrap_err();
-            assert!(error.contains(&format!("{:?}", bad.trim())), "{error}");
-        }
-        assert!(parse("30").unwrap_err().contains("no unit"));
-        assert!(parse("3d").unwrap_err().contains("unknown unit"));
-    }
-
-    #[test]
-    fn durations_display_in_the_largest_exact_unit_and_round_trip() {
-        for (duration, shown) in [
-            (DEFAULT_CACHE_TTL, "30s"),
-            (DEFAULT_GONE_TTL, "10m"),
-            (Duration::from_millis(1500), "1500ms"),
-            (Duration::from_secs(7200), "2h"),
-        ] {
-            assert_eq!(HumanDuration(duration).to_string(), shown);
-            assert_eq!(parse(shown), Ok(duration));
-        }
-    }
 
     fn proxy_args(extra: &[&str]) -> Result<ProxyArgs, clap::Error> {
         let args = [
@@ -350,7 +198,7 @@ mod tests {
         );
         let args = proxy_args(&[
             "--request-head-timeout",
-            "1s",
+            "1m30s",
             "--request-body-timeout",
             "2s",
             "--backend-connect-timeout",
@@ -362,7 +210,7 @@ mod tests {
         ])
         .unwrap();
         let timeouts = args.timeouts();
-        assert_eq!(timeouts.request_head, Duration::from_secs(1));
+        assert_eq!(timeouts.request_head, Duration::from_secs(90));
         assert_eq!(timeouts.request_body, Duration::from_secs(2));
         assert_eq!(timeouts.backend_connect, Duration::from_secs(3));
         assert_eq!(timeouts.backend_response, Duration::from_secs(4));
@@ -396,6 +244,72 @@ mod tests {
             assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
         }
         assert!(proxy_args(&["--simulator"]).unwrap().common.simulator);
+    }
+
+    #[test]
+    fn every_library_setting_is_a_flag_with_its_variable_in_each_modes_help() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        for mode in ["proxy", "forward-auth"] {
+            let help = command
+                .find_subcommand_mut(mode)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            for (name, variable) in settings::names() {
+                let flag = format!("--{}", name.replace('_', "-"));
+                assert!(help.contains(&flag), "{mode}: {flag} missing in\n{help}");
+                assert!(help.contains(variable), "{mode}: {variable} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn library_flags_reach_the_builder_in_the_librarys_grammar() {
+        let args = proxy_args(&[
+            "--cache-ttl",
+            "1m30s",
+            "--upstream-timeout",
+            "1s500ms",
+            "--accept-opaque-tokens=1",
+            "--strip-token-header",
+            "--refresh-ahead=false",
+            "--refresh-ahead-share",
+            "0.5",
+            "--upstream-retry=0",
+            "--skip-path-prefix",
+            "/a, /b",
+            "--skip-path-prefix",
+            "/c",
+        ])
+        .unwrap();
+        let shown = format!("{:?}", args.common.builder());
+        for expected in [
+            "cache_ttl: 90s",
+            "upstream_timeout: 1.5s",
+            "accept_opaque_tokens: true",
+            "strip_token_header: true",
+            "refresh_ahead: false",
+            "refresh_ahead_share: 0.5",
+            "upstream_retry: false",
+            r#"skip_path_prefix: ["/a", "/b", "/c"]"#,
+            "env_error: None",
+        ] {
+            assert!(shown.contains(expected), "{expected} missing in {shown}");
+        }
+    }
+
+    #[test]
+    fn the_api_key_and_proxy_never_show_in_debug_output() {
+        let args = proxy_args(&[
+            "--api-key",
+            "sekrit-key",
+            "--upstream-proxy",
+            "http://user:sekrit@proxy",
+        ])
+        .unwrap();
+        let shown = format!("{args:?} {:?}", args.common.builder());
+        assert!(!shown.contains("sekrit"), "{shown}");
     }
 
     #[test]

@@ -97,7 +97,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     let admin_listener = bind(common.admin_listen, "--admin-listen").await?;
     let listener = bind(listen, "--listen").await?;
-    let grace = common.shutdown_timeout.0;
+    let grace = common.shutdown_timeout;
     let (stop, stopped) = watch::channel(false);
 
     let admin = admin::Admin::new(guard.clone(), metrics);
@@ -138,7 +138,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let finished = all_finished;
     if !finished {
         tracing::warn!(
-            timeout = %common.shutdown_timeout,
+            timeout = %conneqt_guard::__sidecar::format_duration(common.shutdown_timeout),
             "some requests were still in flight when --shutdown-timeout ran out"
         );
     }
