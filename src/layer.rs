@@ -6,11 +6,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::builder::AccessTokenLayerBuilder;
-use crate::cache::VerdictCache;
+use crate::guard::Guard;
 use crate::service::AccessTokenService;
-use crate::skip::SkipRules;
-use crate::token::{TokenFormat, TokenHasher};
-use crate::upstream::{KeyCheck, Upstream, UpstreamError};
+use crate::upstream::{KeyCheck, UpstreamError};
 
 /// A tower layer that lets a request through only with a `Conneqt-Instant-Access-Token`
 /// that Conneqt has verified.
@@ -20,18 +18,7 @@ use crate::upstream::{KeyCheck, Upstream, UpstreamError};
 /// See the [crate documentation](crate) for the behaviour and an example.
 #[derive(Clone)]
 pub struct AccessTokenLayer {
-    shared: Arc<Shared>,
-}
-
-/// State shared by the layer, its clones, and every service and future they make.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) token_format: TokenFormat,
-    pub(crate) hasher: TokenHasher,
-    pub(crate) cache: VerdictCache,
-    pub(crate) upstream: Arc<Upstream>,
-    pub(crate) skip: SkipRules,
-    pub(crate) strip_token_header: bool,
+    guard: Arc<Guard>,
 }
 
 impl AccessTokenLayer {
@@ -40,28 +27,28 @@ impl AccessTokenLayer {
         AccessTokenLayerBuilder::default()
     }
 
-    pub(crate) fn from_shared(shared: Shared) -> Self {
+    pub(crate) fn from_guard(guard: Guard) -> Self {
         Self {
-            shared: Arc::new(shared),
+            guard: Arc::new(guard),
         }
     }
 
     /// Forgets the cached verdict for `token` (for example when the application learns the
     /// user logged out), so its next request is verified again. Affects every clone.
     pub async fn invalidate(&self, token: &str) {
-        let key = self.shared.hasher.hash(token.as_bytes());
-        self.shared.cache.invalidate(&key).await;
+        let key = self.guard.hasher.hash(token.as_bytes());
+        self.guard.cache.invalidate(&key).await;
     }
 
     /// Forgets every cached verdict. Affects every clone.
     pub fn invalidate_all(&self) {
-        self.shared.cache.invalidate_all();
+        self.guard.cache.invalidate_all();
     }
 
     /// Checks the API key and the connection with `GET /api/v1/test`, without spending a
     /// token. Call it at start-up to fail fast on a wrong key or an unreachable upstream.
     pub async fn check_connection(&self) -> ConnectionStatus {
-        match self.shared.upstream.check_key().await {
+        match self.guard.upstream.check_key().await {
             KeyCheck::Ok => ConnectionStatus::Ok,
             KeyCheck::Failed(UpstreamError::KeyRejected) => ConnectionStatus::KeyRejected,
             KeyCheck::Failed(UpstreamError::KeyNotAuthorised) => ConnectionStatus::KeyNotAuthorised,
@@ -76,14 +63,14 @@ impl<S> Layer<S> for AccessTokenLayer {
     type Service = AccessTokenService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessTokenService::new(inner, self.shared.clone())
+        AccessTokenService::new(inner, self.guard.clone())
     }
 }
 
 impl fmt::Debug for AccessTokenLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessTokenLayer")
-            .field("shared", &self.shared)
+            .field("guard", &self.guard)
             .finish()
     }
 }
