@@ -6,7 +6,12 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::builder::AccessTokenLayerBuilder;
-use crate::guard::Guard;
+use std::future::Future;
+
+use http::{Request, Response};
+
+use crate::body::RejectionBody;
+use crate::guard::{self, Admission, Guard, Pending};
 use crate::service::AccessTokenService;
 use crate::upstream::{KeyCheck, UpstreamError};
 
@@ -30,6 +35,66 @@ impl AccessTokenLayer {
     pub(crate) fn from_guard(guard: Guard) -> Self {
         Self {
             guard: Arc::new(guard),
+        }
+    }
+
+    /// Asks the guard about one request without an inner service, the way tower-http's
+    /// `AsyncAuthorizeRequest` does: the same skip rules, token checks, cache, upstream,
+    /// metrics and tracing as the layer.
+    ///
+    /// Resolves to the request back (with a [`VerifiedToken`](crate::VerifiedToken) in its
+    /// extensions unless a skip rule let it through, and the token header concealed or
+    /// stripped exactly as the layer does), or to the rejection the layer would send
+    /// (problem+json, or a gRPC status), with its [`RejectionReason`](crate::RejectionReason)
+    /// in the response's extensions.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let conneqt = conneqt_guard::simulator::Simulator::start().await?;
+    /// use conneqt_guard::{AccessTokenLayer, RejectionReason};
+    ///
+    /// let guard = AccessTokenLayer::builder()
+    ///     .base_url(conneqt.base_url())
+    ///     .api_key(conneqt.api_key())
+    ///     .build()?;
+    /// let request = http::Request::get("/messages").body(())?;
+    /// let rejection = guard.authorize(request).await.unwrap_err();
+    /// assert_eq!(rejection.status(), 401);
+    /// assert_eq!(
+    ///     rejection.extensions().get::<RejectionReason>(),
+    ///     Some(&RejectionReason::MissingToken)
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn authorize<B>(
+        &self,
+        request: Request<B>,
+    ) -> impl Future<Output = Result<Request<B>, Response<RejectionBody>>> + Send + 'static
+    where
+        B: Send + 'static,
+    {
+        // The guard is cloned only when the verdict must be awaited; the hit path takes none.
+        let admission = match self.guard.admit(request) {
+            Admission::Check(pending) => Err((self.guard.clone(), pending)),
+            done => Ok(done),
+        };
+        async move {
+            let outcome = match admission {
+                Ok(Admission::Forward(request)) => Ok(request),
+                Ok(Admission::Reject(response)) => Err(response),
+                Ok(Admission::Check(_)) => unreachable!("checked above"),
+                Err((guard, pending)) => {
+                    let Pending {
+                        request,
+                        presented,
+                        format,
+                    } = pending;
+                    guard::check(guard, presented).await.apply(request, format)
+                }
+            };
+            outcome.map_err(|response| response.map(RejectionBody::new))
         }
     }
 
