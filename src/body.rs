@@ -80,3 +80,42 @@ impl<B> fmt::Debug for ResponseBody<B> {
         }
     }
 }
+
+/// The body of a rejection returned by
+/// [`AccessTokenLayer::authorize`](crate::AccessTokenLayer::authorize): the problem+json
+/// document, or nothing for a gRPC status.
+pub struct RejectionBody {
+    body: Full<Bytes>,
+}
+
+impl RejectionBody {
+    pub(crate) fn new(body: Full<Bytes>) -> Self {
+        Self { body }
+    }
+}
+
+impl Body for RejectionBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl fmt::Debug for RejectionBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectionBody").finish_non_exhaustive()
+    }
+}
