@@ -8,8 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::cache::{CacheSettings, VerdictCache};
-use crate::guard::Guard;
-use crate::layer::AccessTokenLayer;
+use crate::layer::{AccessTokenLayer, Shared};
 use crate::skip::{self, SkipRules};
 use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{ApiKey, Resilience, Upstream};
@@ -284,7 +283,7 @@ impl AccessTokenLayerBuilder {
                 .then(|| settings.cache_ttl.mul_f64(settings.refresh_ahead_share)),
             stale_grace: settings.stale_if_error,
         });
-        Ok(AccessTokenLayer::from_guard(Guard {
+        Ok(AccessTokenLayer::from_shared(Shared {
             token_format: if settings.accept_opaque_tokens {
                 TokenFormat::Opaque
             } else {

@@ -105,9 +105,9 @@
 //! a task so that a client hanging up cannot cancel a verification others wait on).
 
 mod builder;
-// The request's path, in one place, then each step in order: skip → token → cache →
-// upstream → verdict → rejection.
-mod guard;
+mod layer;
+mod service;
+// The request's path, in order: skip → token → cache → upstream → verdict → rejection.
 mod skip;
 mod token;
 mod cache;
@@ -116,9 +116,7 @@ mod verdict;
 mod reject;
 // What operators see of it.
 mod telemetry;
-// The tower adaptors around the guard.
-mod layer;
-mod service;
+// The plumbing that sequences the steps.
 pub mod future;
 pub mod body;
 

@@ -6,8 +6,11 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::future::ResponseFuture;
-use crate::guard::{Admission, Guard};
+use crate::future::{Decision, ResponseFuture, decide};
+use crate::layer::Shared;
+use crate::reject::{Rejection, ResponseFormat};
+use crate::telemetry::{self, Outcome};
+use crate::token::{self, PresentedToken};
 
 /// Verifies each request's access token before calling the inner service.
 ///
@@ -15,12 +18,12 @@ use crate::guard::{Admission, Guard};
 #[derive(Clone, Debug)]
 pub struct AccessTokenService<S> {
     inner: S,
-    guard: Arc<Guard>,
+    shared: Arc<Shared>,
 }
 
 impl<S> AccessTokenService<S> {
-    pub(crate) fn new(inner: S, guard: Arc<Guard>) -> Self {
-        Self { inner, guard }
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
     }
 
     /// The inner service.
@@ -52,15 +55,50 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // Steps 0-2 in the guard: a skip rule or a verdict at hand needs no future of our own,
-        // so forward to the inner service, which is ready, or reject.
-        let pending = match self.guard.admit(request) {
-            Admission::Forward(request) => {
-                return ResponseFuture::forwarding(self.inner.call(request));
+        // 0. Requests a skip rule lets through go straight to the inner service, which is
+        // ready, without a `VerifiedToken`.
+        let (mut request, skipped) = self.shared.skip.check(request);
+        if let Some(rule) = skipped {
+            tracing::trace!(method = %request.method(), %rule, "conneqt-guard: request passed unverified (skip rule)");
+            token::conceal(request.headers_mut(), self.shared.strip_token_header);
+            telemetry::request(Outcome::Skipped);
+            return ResponseFuture::forwarding(self.inner.call(request));
+        }
+
+        // 1. The token's form; junk is refused without touching the cache or the upstream.
+        // The header is concealed (stripped or marked sensitive) as the token is taken, so
+        // neither the hit nor the miss path forwards it in the clear.
+        let extracted = token::extract(
+            request.headers_mut(),
+            self.shared.token_format,
+            self.shared.strip_token_header,
+        );
+        let value = match extracted {
+            Ok(value) => value,
+            Err(problem) => {
+                tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
+                let rejection = Rejection::token_problem(problem);
+                telemetry::request(Outcome::Rejected(rejection.reason()));
+                let format = ResponseFormat::of(&request);
+                return ResponseFuture::rejected(rejection.into_response(format));
             }
-            Admission::Reject(response) => return ResponseFuture::rejected(response),
-            Admission::Check(pending) => pending,
         };
+        let presented = PresentedToken::new(value, &self.shared.hasher);
+
+        // 2. A cached verdict that can be had at once (the common case) needs no future of
+        // our own: forward to the inner service, which is ready, or reject.
+        if let Some((verdict, how)) = self.shared.cache.lookup_now(&presented.hash()) {
+            return match decide(Ok(verdict), presented, how) {
+                Decision::Forward(token) => {
+                    request.extensions_mut().insert(token);
+                    ResponseFuture::forwarding(self.inner.call(request))
+                }
+                Decision::Reject(rejection) => {
+                    let format = ResponseFormat::of(&request);
+                    ResponseFuture::rejected(rejection.into_response(format))
+                }
+            };
+        }
 
         // Take the inner service that was polled ready, leaving a clone in its place: a clone
         // may not be ready, and calling it would break services such as `Buffer`.
@@ -68,7 +106,9 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
 
-        // 2-4. Cache, upstream and verdict, in the future.
-        ResponseFuture::checking(self.guard.clone(), pending, inner)
+        // 2-4. Cache, upstream and verdict, in the future. How a rejection would be written is
+        // decided now, while the request is at hand.
+        let format = ResponseFormat::of(&request);
+        ResponseFuture::checking(self.shared.clone(), presented, inner, request, format)
     }
 }
