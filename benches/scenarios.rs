@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use conneqt_guard::AccessTokenLayer;
-use conneqt_guard::simulator::Simulator;
+use conneqt_guard_simulator::Simulator;
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 

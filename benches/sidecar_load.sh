@@ -11,7 +11,7 @@
 #      its own, separate from the backend's)
 #   3. conneqt-guard proxy, cache hits (one valid token, verified once before the run)
 #   4. nginx auth_request to conneqt-guard forward-auth, then proxy_pass (the shipped
-#      examples/forward-auth/nginx.conf)
+#      sidecar/examples/forward-auth/nginx.conf)
 #   5. for reference, nginx proxy_pass run inside the backend's own nginx (see below why that
 #      is not the comparison)
 # and prints requests/s, p99 latency and the ratio to the direct backend. Both guards run with
@@ -67,7 +67,7 @@ PROXY_TOKEN=$(token_of proxy)
 AUTH_TOKEN=$(token_of forward-auth)
 
 sed -e "s/127.0.0.1:8000/$NGINX_AUTH/" -e "s/127.0.0.1:8081/$GUARD_AUTH/" \
-    -e "s/127.0.0.1:3000/$BACKEND/" examples/forward-auth/nginx.conf >"$WORK/auth.conf"
+    -e "s/127.0.0.1:3000/$BACKEND/" sidecar/examples/forward-auth/nginx.conf >"$WORK/auth.conf"
 # Two nginx instances: the backend in processes of its own, as a real service is, and the
 # proxying nginx (proxy_pass, auth_request) in another. In one instance, nginx's proxy and the
 # backend would share worker processes and event loops: each request would go proxy -> backend

@@ -30,8 +30,8 @@ use std::error::Error;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use conneqt_guard::simulator::Simulator;
 use conneqt_guard::{AccessTokenLayer, VerifiedToken};
+use conneqt_guard_simulator::Simulator;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;

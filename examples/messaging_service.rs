@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use conneqt_guard::simulator::Simulator;
 use conneqt_guard::{AccessTokenLayerBuilder, VerifiedToken};
+use conneqt_guard_simulator::Simulator;
 use serde::{Deserialize, Serialize};
 
 /// A message as stored and listed.

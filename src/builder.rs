@@ -15,7 +15,6 @@ use crate::upstream::{ApiKey, Resilience, Upstream};
 
 mod env;
 mod settings;
-#[cfg(feature = "sidecar")]
 pub mod sidecar;
 
 use settings::{ROWS, Settings};

@@ -23,8 +23,8 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # // Stands in for Conneqt: the `simulator` feature, on for this crate's tests and examples.
-//! # let conneqt = conneqt_guard::simulator::Simulator::start().await?;
+//! # // Stands in for Conneqt: the simulator crate, a dev-dependency of this one.
+//! # let conneqt = conneqt_guard_simulator::Simulator::start().await?;
 //! # let (base_url, api_key) = (conneqt.base_url(), conneqt.api_key().to_owned());
 //! let guard = AccessTokenLayer::builder()
 //!     .base_url(base_url) // e.g. "https://int.conneqt.health"
@@ -95,11 +95,12 @@
 //!   carry a [`Fingerprint`] instead.
 //! * The API key never appears in `Debug` output, logs or errors.
 //!
-//! # Feature flags
+//! # Crates
 //!
-//! | feature | default | what it adds |
-//! |---|---|---|
-//! | `simulator` | off | the `simulator` module: an embedded Conneqt simulator for tests and demos |
+//! This crate has no cargo features and pulls only what the layer needs. The rest of the
+//! workspace lives beside it: the `conneqt-guard` sidecar binary (crate
+//! `conneqt-guard-sidecar`, `cargo install --path sidecar`) and the Conneqt simulator the tests,
+//! examples and benches run against (crate `conneqt-guard-simulator`).
 //!
 //! The verdict check runs on the tokio runtime your server already uses (a cache miss spawns
 //! a task so that a client hanging up cannot cancel a verification others wait on).
@@ -120,12 +121,8 @@ mod telemetry;
 pub mod future;
 pub mod body;
 
-#[cfg(feature = "simulator")]
-pub mod simulator;
-
 /// The library's settings as the `conneqt-guard` sidecar's flags. For that binary only: not a
 /// public API, and not covered by semver.
-#[cfg(feature = "sidecar")]
 #[doc(hidden)]
 pub use builder::sidecar as __sidecar;
 pub use builder::{AccessTokenLayerBuilder, BuildError};

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use conneqt_guard::AccessTokenLayer;
-use conneqt_guard::simulator::Simulator;
+use conneqt_guard_simulator::Simulator;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use tokio::runtime::Runtime;

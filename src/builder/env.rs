@@ -13,7 +13,6 @@ pub(crate) enum Source {
     /// `CONNEQT_*` variables, or a lookup standing in for them: errors name the variable.
     Environment,
     /// The sidecar's flags (or their variables): errors name the setting, as setters' do.
-    #[cfg_attr(not(feature = "sidecar"), allow(dead_code))]
     Flags,
 }
 
@@ -509,12 +508,11 @@ mod tests {
     }
 
     /// The layer built from variables guards a real app against the simulator, over HTTP.
-    #[cfg(feature = "simulator")]
     #[tokio::test]
     async fn a_layer_from_the_environment_guards_requests_against_the_simulator() {
         use axum::{Router, routing::get};
 
-        let simulator = crate::simulator::Simulator::start().await.unwrap();
+        let simulator = conneqt_guard_simulator::Simulator::start().await.unwrap();
         let guard = lookup(&[
             (BASE_URL, &simulator.base_url()),
             (API_KEY, simulator.api_key()),

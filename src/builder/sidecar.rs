@@ -1,94 +1,82 @@
-//! The settings table as the `conneqt-guard` sidecar's flags: each row becomes `--kebab-name`
-//! with its `CONNEQT_*` variable, its default and its doc line, and the values go back through
-//! [`AccessTokenLayerBuilder::from_lookup`], so the flags read values with the library's
-//! grammar. For the binary only (re-exported hidden as `__sidecar`).
+//! The settings table for the `conneqt-guard` sidecar (the `conneqt-guard-sidecar` crate), which
+//! makes each row a flag with its `CONNEQT_*` variable, so the flags read values with the
+//! library's grammar. Re-exported hidden as `__sidecar`: not part of the library's API.
 
-use std::fmt;
 use std::time::Duration;
-
-use clap::parser::ValueSource;
-use clap::{Arg, ArgAction, ArgMatches};
 
 use super::AccessTokenLayerBuilder;
 use super::env::Source;
-use super::settings::{self, Initial, Kind, ROWS, Row};
+use super::settings::{self, Initial, Kind, ROWS};
 
-/// One flag per setting. Values are checked by `build()`, row by row as for `from_env`, so a
-/// bad one is the library's error naming the setting (and never quoting a secret, which a
-/// clap usage error would).
-pub fn args() -> Vec<Arg> {
-    ROWS.iter().map(arg).collect()
+/// One setting as a flag.
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    /// The builder method, e.g. `cache_ttl` (the flag is `--cache-ttl`).
+    pub name: &'static str,
+    /// The environment variable, e.g. `CONNEQT_CACHE_TTL`.
+    pub variable: &'static str,
+    /// One line for `--help`, lower-case first letter.
+    pub doc: &'static str,
+    /// What the value is.
+    pub kind: SettingKind,
+    /// The default in the setting's grammar, or what leaving it unset means.
+    pub default: DefaultValue,
+    /// Whether the value must never be shown.
+    pub secret: bool,
 }
 
-fn arg(row: &'static Row) -> Arg {
-    let mut arg = Arg::new(row.name)
-        .long(row.name.replace('_', "-"))
-        .env(row.variable)
-        .hide_env_values(row.is_secret());
-    let mut doc = row.doc.to_owned();
-    doc[..1].make_ascii_uppercase();
-    arg = match row.initial {
-        Initial::Value(text) => arg.default_value(text).help(doc),
-        Initial::Unset("required") => arg.help(format!("{doc} [required, unless --simulator]")),
-        Initial::Unset(what) => arg.help(format!("{doc} [default: {what}]")),
-    };
-    match row.kind {
-        Kind::Duration { .. } => arg.value_name("DURATION"),
-        Kind::Number { .. } => arg.value_name("N"),
-        Kind::Share => arg.value_name("SHARE"),
-        // `--strip-token-header` alone means `true`; `--strip-token-header=false` is allowed.
-        Kind::Flag => arg
-            .value_name("BOOL")
-            .num_args(0..=1)
-            .require_equals(true)
-            .default_missing_value("true"),
-        Kind::Prefixes => arg.value_name("PREFIX").action(ArgAction::Append),
-        Kind::Text { .. } => arg.value_name(row.name.to_uppercase()),
-    }
+/// What a setting's value is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettingKind {
+    /// The library's duration grammar: see [`parse_duration`].
+    Duration,
+    /// A whole number.
+    Number,
+    /// A number strictly between 0 and 1.
+    Share,
+    /// `true`, `false`, `1` or `0`.
+    Flag,
+    /// Path prefixes: comma-separated in the variable, one per flag.
+    Prefixes,
+    /// Text.
+    Text,
 }
 
-/// The library settings given on the command line or in the environment.
-#[derive(Clone, Default)]
-pub struct Values(Vec<(&'static str, String)>);
-
-/// Collects the values of [`args`] (those left at their default are left out).
-pub fn values(matches: &ArgMatches) -> Values {
-    let values = ROWS
-        .iter()
-        .filter(|row| matches.value_source(row.name) != Some(ValueSource::DefaultValue))
-        .filter_map(|row| {
-            // A repeated flag (`--skip-path-prefix`) joins as its variable would be written.
-            let given: Vec<&str> = matches
-                .get_many::<String>(row.name)?
-                .map(String::as_str)
-                .collect();
-            Some((row.variable, given.join(",")))
-        })
-        .collect();
-    Values(values)
+/// A setting's value before any flag.
+#[derive(Clone, Copy, Debug)]
+pub enum DefaultValue {
+    /// This value.
+    Given(&'static str),
+    /// Unset; the text says what that means (`"required"` for a required setting).
+    Unset(&'static str),
 }
 
-impl Values {
-    /// The library builder with these values, read as `from_env` reads variables; a bad one
-    /// is an error naming the setting (the flag's name), not the variable.
-    pub fn builder(&self) -> AccessTokenLayerBuilder {
-        let lookup = |variable: &str| {
-            self.0
-                .iter()
-                .find(|(name, _)| *name == variable)
-                .map(|(_, value)| value.clone())
-        };
-        AccessTokenLayerBuilder::read(lookup, Source::Flags)
-    }
+/// Every setting, in the table's order.
+pub fn settings() -> impl Iterator<Item = Setting> {
+    ROWS.iter().map(|row| Setting {
+        name: row.name,
+        variable: row.variable,
+        doc: row.doc,
+        kind: match row.kind {
+            Kind::Duration { .. } => SettingKind::Duration,
+            Kind::Number { .. } => SettingKind::Number,
+            Kind::Share => SettingKind::Share,
+            Kind::Flag => SettingKind::Flag,
+            Kind::Prefixes => SettingKind::Prefixes,
+            Kind::Text { .. } => SettingKind::Text,
+        },
+        default: match row.initial {
+            Initial::Value(text) => DefaultValue::Given(text),
+            Initial::Unset(what) => DefaultValue::Unset(what),
+        },
+        secret: row.is_secret(),
+    })
 }
 
-/// Names only: values may be secret.
-impl fmt::Debug for Values {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|(name, _)| name))
-            .finish()
-    }
+/// The builder from the flags' values, looked up by variable name and read as `from_env`
+/// reads variables; a bad value is an error naming the setting (the flag), not the variable.
+pub fn builder(lookup: impl Fn(&str) -> Option<String>) -> AccessTokenLayerBuilder {
+    AccessTokenLayerBuilder::read(lookup, Source::Flags)
 }
 
 /// The library's duration grammar (`30s`, `1m30s`, `1s500ms`, `500ms`, `2h`), for the
@@ -101,9 +89,4 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A duration as [`parse_duration`] reads it, e.g. `1m30s`.
 pub fn format_duration(duration: Duration) -> String {
     settings::format_duration(duration)
-}
-
-/// Each setting's builder method and variable, in the table's order (for the docs-drift test).
-pub fn names() -> impl Iterator<Item = (&'static str, &'static str)> {
-    ROWS.iter().map(|row| (row.name, row.variable))
 }

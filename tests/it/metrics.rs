@@ -2,13 +2,11 @@
 //! installs its recorder for its own thread, and `tokio::test`'s runtime runs the app, the
 //! simulator and the guard's tasks on that one thread.
 
-mod support;
-
 use std::time::Duration;
 
-use conneqt_guard::simulator::Fault;
+use crate::support::start_with;
+use conneqt_guard_simulator::Fault;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use support::start_with;
 
 type Value = (String, Vec<(String, String)>, DebugValue);
 

@@ -39,22 +39,15 @@
 //! alone). To run more:
 //!
 //! ```text
-//! CONNEQT_FUZZ_CASES=100000 cargo test --test sidecar_security generated
-//! CONNEQT_FUZZ_SEED=12345 CONNEQT_FUZZ_CASES=100000 cargo test --test sidecar_security generated
-//! CONNEQT_FUZZ_SEED=12345 CONNEQT_FUZZ_FIRST=4711 CONNEQT_FUZZ_CASES=1 cargo test --test sidecar_security generated
+//! CONNEQT_FUZZ_CASES=100000 cargo test -p conneqt-guard-sidecar --test it security::generated
+//! CONNEQT_FUZZ_SEED=12345 CONNEQT_FUZZ_CASES=100000 cargo test -p conneqt-guard-sidecar --test it security::generated
+//! CONNEQT_FUZZ_SEED=12345 CONNEQT_FUZZ_FIRST=4711 CONNEQT_FUZZ_CASES=1 cargo test -p conneqt-guard-sidecar --test it security::generated
 //! ```
 //!
 //! A failure prints the seed, the case number, the pieces, the bytes sent (escaped) and where
 //! they were split, what the backend recorded and what the client got.
 
-#![cfg(feature = "sidecar")]
-
-mod support;
-#[path = "support/sidecar.rs"]
-mod sidecar;
-#[path = "support/wire.rs"]
-mod wire;
-
+use crate::wire;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
@@ -63,17 +56,17 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use conneqt_guard::simulator::Simulator;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use sidecar::Sidecar;
-use support::TOKEN_HEADER;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use wire::{
+use crate::sidecar::Sidecar;
+use crate::support::TOKEN_HEADER;
+use crate::wire::{
     Answer, Client, RawBackend, Reply, STEP_TIMEOUT, Seen, WIRE_TOKEN_HEADER, close, echo, escaped,
     keep, ok, within,
 };
+use conneqt_guard_simulator::Simulator;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 // ------------------------------------------------------------------------------------------
 // The rig: a simulator, a recording backend and the proxy, shared by the cases of a family.

@@ -1,12 +1,10 @@
 //! The verdict cache seen from outside: hits, expiry, coalescing, isolation between tokens,
 //! sharing between clones, and request bodies streaming through.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{Seen, TOKEN_HEADER, problem, serve, start, start_with};
+use crate::support::{Seen, TOKEN_HEADER, problem, serve, start, start_with};
 use tower::{Layer, ServiceExt};
 
 #[tokio::test]

@@ -2,25 +2,18 @@
 //! the bytes inside (these passed against the hyper-only proxy before the relay fast path was
 //! written, and pass against it now). A raw client writes exact requests and reads exact responses; a scripted
 //! raw backend records what reaches it and answers with exact bytes (both in `support/wire.rs`,
-//! shared with `sidecar_security.rs`). Each test starts its own simulator, backend and proxy.
+//! shared with `security.rs`). Each test starts its own simulator, backend and proxy.
 
-#![cfg(feature = "sidecar")]
-
-mod support;
-#[path = "support/sidecar.rs"]
-mod sidecar;
-#[path = "support/wire.rs"]
-mod wire;
-
-use conneqt_guard::simulator::Simulator;
-use sidecar::{Backend, Sidecar};
-use support::TOKEN_HEADER;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use wire::{
+use crate::sidecar::{Backend, Sidecar};
+use crate::support::TOKEN_HEADER;
+use crate::wire;
+use crate::wire::{
     Client, Framing, WIRE_TOKEN_HEADER, assert_problem, close, get, keep, ok, raw_setup, request,
     within,
 };
+use conneqt_guard_simulator::Simulator;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn every_request_on_a_kept_alive_connection_is_checked_not_only_the_first() {

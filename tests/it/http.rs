@@ -1,12 +1,11 @@
 //! One test per row of the HTTP behaviour table: what the client gets, whether the inner
 //! service ran, and how often the upstream was called. All over real HTTP on 127.0.0.1.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
-use conneqt_guard::simulator::{Fault, Simulator};
-use support::{Harness, Seen, TOKEN_HEADER, problem, start, start_with};
+use crate::support::{Harness, Seen, TOKEN_HEADER, problem, start, start_with};
+use conneqt_guard_simulator::{Fault, Simulator};
 
 #[tokio::test]
 async fn valid_token_reaches_the_handler_with_a_verified_token_after_one_upstream_call() {

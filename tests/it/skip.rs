@@ -1,10 +1,9 @@
 //! Skip rules and credential stripping, over real HTTP on 127.0.0.1: what the client gets,
 //! whether the inner service ran (and what it saw), and how often the upstream was called.
 
-mod support;
-
+use crate::support;
+use crate::support::{Probe, TOKEN_HEADER, problem, raw_get_status, start_probe_with};
 use http::Method;
-use support::{Probe, TOKEN_HEADER, problem, raw_get_status, start_probe_with};
 
 #[tokio::test]
 async fn without_skip_rules_a_health_path_is_guarded_like_any_other() {
@@ -233,7 +232,7 @@ async fn a_tonic_health_check_is_served_without_a_token_only_when_skipped() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let simulator = conneqt_guard::simulator::Simulator::start().await.unwrap();
+    let simulator = conneqt_guard_simulator::Simulator::start().await.unwrap();
     let check = |skip: bool| {
         let mut builder = support::builder_for(&simulator);
         if skip {

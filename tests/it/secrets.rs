@@ -1,14 +1,13 @@
 //! The access token and the API key never appear in logs, errors, problem bodies or `Debug`
 //! output, whatever path the request takes.
 
-mod support;
-
+use crate::support;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use conneqt_guard::simulator::Fault;
-use support::{TOKEN_HEADER, start_with};
+use crate::support::{TOKEN_HEADER, start_with};
+use conneqt_guard_simulator::Fault;
 
 /// Everything every tracing event in this test process wrote, at TRACE level.
 fn captured() -> Arc<Mutex<Vec<u8>>> {
@@ -97,7 +96,7 @@ async fn no_path_writes_the_token_or_the_api_key_anywhere() {
 #[tokio::test]
 async fn a_rejected_api_key_is_logged_at_error_level_without_the_key() {
     captured();
-    let simulator = conneqt_guard::simulator::Simulator::start().await.unwrap();
+    let simulator = conneqt_guard_simulator::Simulator::start().await.unwrap();
     let key = "wrong-but-secret-key-9876";
     let guard = conneqt_guard::AccessTokenLayer::builder()
         .base_url(simulator.base_url())

@@ -2,13 +2,12 @@
 //! concurrent verify calls, and a circuit breaker. What the client got, whether the inner
 //! service ran, and how many upstream calls were made.
 
-mod support;
-
+use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conneqt_guard::simulator::Fault;
-use support::{problem, start_with};
+use crate::support::{problem, start_with};
+use conneqt_guard_simulator::Fault;
 
 #[tokio::test]
 async fn a_dropped_connection_or_gateway_error_is_retried_once_and_the_request_passes() {

@@ -5,21 +5,16 @@
 //! line saying what to install (`.ci/run` installs both and sets `CONNEQT_REQUIRE_SYSTEM_TESTS=1`,
 //! which turns a skip into a failure).
 
-mod support;
-#[path = "support/sidecar.rs"]
-mod sidecar;
-#[path = "support/system.rs"]
-mod system;
-
+use crate::system;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use conneqt_guard::simulator::{Fault, Simulator};
-use sidecar::{Backend, Sidecar};
-use support::{TOKEN_HEADER, client, problem, raw_get_status};
+use crate::sidecar::{Backend, Sidecar};
+use crate::support::{TOKEN_HEADER, client, problem, raw_get_status};
+use conneqt_guard_simulator::{Fault, Simulator};
 use tokio::process::{Child, Command};
 
 const CHALLENGE: &str = "Conneqt-Instant-Access-Token realm=\"conneqt\"";
@@ -304,7 +299,7 @@ impl SystemProxy {
         let addr = free_port().await;
         let site = fill_in(
             "nginx.conf",
-            include_str!("../examples/forward-auth/nginx.conf"),
+            include_str!("../../examples/forward-auth/nginx.conf"),
             &[
                 ("127.0.0.1:8000", addr.to_string()),
                 ("127.0.0.1:8081", guard.to_string()),
@@ -342,7 +337,7 @@ impl SystemProxy {
         let addr = free_port().await;
         let caddyfile = fill_in(
             "Caddyfile",
-            include_str!("../examples/forward-auth/Caddyfile"),
+            include_str!("../../examples/forward-auth/Caddyfile"),
             &[
                 // No admin endpoint (it would listen on 2019, shared by all tests).
                 ("\tadmin off\n", "\tadmin off\n".to_owned()),

@@ -2,7 +2,7 @@
 //! ([`crate::proxy`]): which fields are hop-by-hop, which a `Connection` header may remove,
 //! which names are dropped as aliases, what a `Content-Length` may be, what is gRPC.
 //!
-//! The smuggling rules, each with the tests that pin it: in `tests/sidecar_security.rs`
+//! The smuggling rules, each with the tests that pin it: in `sidecar/tests/it/security.rs`
 //! (a raw client through the real proxy to a recording raw backend), in
 //! `relay::tests` (the connection loop over in-memory pipes), and beside each rule's code.
 //!
@@ -23,7 +23,7 @@
 //!    header from what the proxy forwards, refuses a token alias ([`aliases_token`]). Tests:
 //!    `header_names_with_underscores_are_not_forwarded`,
 //!    `over_h2c_underscore_names_and_missing_tokens_are_handled_the_same`;
-//!    `tests/sidecar_forward_auth.rs` `unusable_x_forwarded_headers_get_400_without_asking_the_upstream`.
+//!    `sidecar/tests/it/forward_auth.rs` `unusable_x_forwarded_headers_get_400_without_asking_the_upstream`.
 //! 3. **The token header the backend sees is the verified one**: exactly one in the head (the
 //!    guard refuses two), none in request trailers ([`clean_request_trailers`]), none at all
 //!    with `--strip-token-header`. Tests: `the_token_the_backend_sees_is_the_one_verified`,
@@ -45,7 +45,7 @@
 //!
 //! The skip rules' ambiguous paths are the library's (`src/skip.rs`; through the proxy:
 //! `ambiguous_paths_under_a_skipped_prefix_need_a_token`), and the timeouts are
-//! [`crate::proxy::Timeouts`] (`relay::tests`, and `tests/sidecar_relay.rs` for the hyper
+//! [`crate::proxy::Timeouts`] (`relay::tests`, and `sidecar/tests/it/relay.rs` for the hyper
 //! path).
 
 use http::header::{self, HeaderMap, HeaderName};

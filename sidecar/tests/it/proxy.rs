@@ -1,17 +1,13 @@
 //! `conneqt-guard proxy`, the binary cargo built, in front of an axum (or tonic) backend in this
 //! process, verifying against the simulator in this process. Each test starts its own.
 
-mod support;
-#[path = "support/sidecar.rs"]
-mod sidecar;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::sidecar::{Backend, Exited, Sidecar};
+use crate::support::{TOKEN_HEADER, client, problem};
 use conneqt_guard::ConnectionStatus;
-use conneqt_guard::simulator::{Fault, Simulator};
-use sidecar::{Backend, Exited, Sidecar};
-use support::{TOKEN_HEADER, client, problem};
+use conneqt_guard_simulator::{Fault, Simulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::TcpIncoming;

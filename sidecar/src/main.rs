@@ -16,7 +16,7 @@
 //! error, status 2. A setting that is wrong makes it exit with status 1 and the library's
 //! `BuildError` message, which names the setting, before it listens; so does an API key
 //! Conneqt refuses at the start-up check (`check_connection`), while an upstream that cannot be
-//! reached only logs a warning. Built only with the `sidecar` feature (on by default).
+//! reached only logs a warning.
 
 mod admin;
 mod cli;
@@ -25,6 +25,7 @@ mod http1;
 mod proxy;
 mod relay;
 mod server;
+mod settings;
 
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use conneqt_guard::ConnectionStatus;
-use conneqt_guard::simulator::Simulator;
+use conneqt_guard_simulator::Simulator;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -138,7 +139,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let finished = all_finished;
     if !finished {
         tracing::warn!(
-            timeout = %conneqt_guard::__sidecar::format_duration(common.shutdown_timeout),
+            timeout = %settings::format_duration(common.shutdown_timeout),
             "some requests were still in flight when --shutdown-timeout ran out"
         );
     }

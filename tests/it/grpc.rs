@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use conneqt_guard::simulator::{Fault, Simulator};
 use conneqt_guard::{AccessTokenLayer, AccessTokenService, VerifiedToken};
+use conneqt_guard_simulator::{Fault, Simulator};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;

@@ -1,8 +1,7 @@
 //! The exact request the guard sends to Conneqt's verify endpoint.
 
-mod support;
-
-use support::start;
+use crate::support;
+use crate::support::start;
 
 #[tokio::test]
 async fn verify_request_is_a_bodyless_get_with_exactly_the_vendors_headers() {

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use crate::settings;
 use clap::{ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
-use conneqt_guard::__sidecar as settings;
 use conneqt_guard::AccessTokenLayerBuilder;
 
 /// Verifies Quicksilva Conneqt instant-messaging access tokens in front of any HTTP or gRPC

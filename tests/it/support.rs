@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
-use conneqt_guard::simulator::Simulator;
 use conneqt_guard::{AccessTokenLayer, AccessTokenLayerBuilder, VerifiedToken};
+use conneqt_guard_simulator::Simulator;
 use http::HeaderMap;
 
 pub const TOKEN_HEADER: &str = "conneqt-instant-access-token";

@@ -5,12 +5,11 @@
 //! examples and benchmarks (and yours) can exercise a real network round trip against a
 //! faithful stand-in for the vendor's upstream, and inject the failures a real upstream can
 //! produce (error statuses, latency, hung requests, dropped connections, non-HTTP replies).
-//! It is only compiled with the `simulator` feature.
 //!
 //! # Example
 //!
 //! ```
-//! use conneqt_guard::simulator::Simulator;
+//! use conneqt_guard_simulator::Simulator;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {

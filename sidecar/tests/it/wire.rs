@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conneqt_guard::simulator::Simulator;
+use conneqt_guard_simulator::Simulator;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use super::sidecar::Sidecar;
+use crate::sidecar::Sidecar;
 
 /// The token header as a client would spell it on the wire.
 pub const WIRE_TOKEN_HEADER: &str = "Conneqt-Instant-Access-Token";

@@ -1,0 +1,15 @@
+//! The sidecar's integration tests, in one binary (linked once). Each starts the real
+//! `conneqt-guard` binary against the simulator and a backend on 127.0.0.1.
+
+// The library tests' helpers (client, problem+json checks), shared rather than copied.
+#[path = "../../../tests/it/support.rs"]
+mod support;
+
+mod sidecar;
+mod system;
+mod wire;
+
+mod forward_auth;
+mod proxy;
+mod relay;
+mod security;

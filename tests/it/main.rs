@@ -1,0 +1,14 @@
+//! The library's integration tests, in one binary (linked once) with one module per area. Each
+//! runs the layer behind a real server over real sockets on 127.0.0.1 against the simulator.
+
+mod support;
+
+mod cache;
+mod compile;
+mod grpc;
+mod http;
+mod metrics;
+mod resilience;
+mod secrets;
+mod skip;
+mod upstream_request;
