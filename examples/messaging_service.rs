@@ -200,6 +200,9 @@ async fn demonstrate(
     valid: &str,
     revoked: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    // The demonstration's own HTTP client. reqwest's rustls needs a crypto provider chosen by
+    // the application; this one picks ring, the provider the guard uses for its own client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder().no_proxy().build()?;
     let url = format!("http://{addr}/messages");
     let body = r#"{"to":"dr.jones","text":"Patient in bay 4 is ready for review"}"#;

@@ -238,7 +238,11 @@ impl AccessTokenLayerBuilder {
             )
         })?;
 
+        let tls = crate::upstream::tls::client_config().map_err(|error| {
+            BuildError::new("HTTP client", "could not set up TLS").with_source(error)
+        })?;
         let mut client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .connect_timeout(settings.upstream_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("conneqt-guard/", env!("CARGO_PKG_VERSION")))

@@ -8,6 +8,7 @@
 //! a [`Verdict`] or an [`UpstreamError`] is the pure function [`classify`].
 
 pub(crate) mod breaker;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::hash::BuildHasher;
