@@ -424,3 +424,59 @@ fn the_layer_fits_a_tonic_server_and_its_parts_are_send_and_sync() {
     }
     let _type_checked: fn(AccessTokenLayer, TcpIncoming) = serve;
 }
+
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through the layer in tonic: a
+/// skipped request is a health `Watch`, every other one a health `Check`.
+mod behaviour {
+    use tonic::metadata::MetadataMap;
+
+    use super::{GuardedServer, HealthCheckRequest, HealthClient};
+    use crate::behaviour::{GRPC_SKIP_PREFIX, Outcome, Request, Runs, Transport, UPSTREAM_TIMEOUT};
+
+    struct Tonic {
+        server: GuardedServer,
+        client: HealthClient<tonic::transport::Channel>,
+    }
+
+    impl Transport for Tonic {
+        async fn send(&self, request: &Request) -> Outcome {
+            let metadata = MetadataMap::from_headers(request.headers());
+            let message = tonic::Request::from_parts(
+                metadata,
+                tonic::Extensions::default(),
+                HealthCheckRequest::default(),
+            );
+            let mut client = self.client.clone();
+            let result = if request.skipped {
+                client.watch(message).await.map(drop)
+            } else {
+                client.check(message).await.map(drop)
+            };
+            Outcome::Grpc(result)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.server.inner.calls(),
+                verified: Some(self.server.inner.verified()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_tonic() {
+        crate::behaviour::run_table("tonic", async |sim, base_url| {
+            let guard = conneqt_guard::AccessTokenLayer::builder()
+                .base_url(base_url)
+                .api_key(sim.api_key())
+                .upstream_timeout(UPSTREAM_TIMEOUT)
+                .skip_path_prefix(GRPC_SKIP_PREFIX)
+                .build()
+                .expect("guard builds");
+            let server = GuardedServer::start(guard).await;
+            let client = server.client().await;
+            Tonic { server, client }
+        })
+        .await;
+    }
+}

@@ -283,3 +283,56 @@ async fn rejections_are_not_cacheable_by_intermediaries() {
     let response = h.get(None).await;
     assert_eq!(response.headers()["cache-control"], "no-store");
 }
+
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through the layer in axum.
+mod behaviour {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::behaviour::{Outcome, Request, Runs, SKIP_PREFIX, Transport, UPSTREAM_TIMEOUT};
+    use crate::support::{self, App, Probe};
+
+    /// The layer in an axum app whose inner service is the probe, which counts its runs and
+    /// echoes whether it was handed a `VerifiedToken`.
+    struct Axum {
+        app: App,
+        verified: AtomicUsize,
+    }
+
+    impl Transport for Axum {
+        async fn send(&self, request: &Request) -> Outcome {
+            let answer = request.send_http(&self.app.url("")).await;
+            if answer.status == 200 {
+                let probe: Probe = serde_json::from_str(&answer.body).expect("a probe answer");
+                if probe.verified_token.is_some() {
+                    self.verified.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Outcome::Http(answer)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.app.inner_calls(),
+                verified: Some(self.verified.load(Ordering::SeqCst)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_axum() {
+        crate::behaviour::run_table("axum", async |sim, base_url| {
+            let guard = conneqt_guard::AccessTokenLayer::builder()
+                .base_url(base_url)
+                .api_key(sim.api_key())
+                .upstream_timeout(UPSTREAM_TIMEOUT)
+                .skip_path_prefix(SKIP_PREFIX)
+                .build()
+                .expect("guard builds");
+            Axum {
+                app: support::serve_probe(guard).await,
+                verified: AtomicUsize::new(0),
+            }
+        })
+        .await;
+    }
+}
