@@ -270,6 +270,8 @@ pub(crate) struct Request {
     pub(crate) skipped: bool,
     /// The token header's values, in order (none: no header; two: the header twice).
     pub(crate) tokens: Vec<HeaderValue>,
+    /// One HTTP client for the whole table (building one is slow), for [`Self::send_http`].
+    client: reqwest::Client,
 }
 
 impl Request {
@@ -293,7 +295,8 @@ impl Request {
 
     /// `GET {base}{path}` with the token headers, through `reqwest`.
     pub(crate) async fn send_http(&self, base: &str) -> HttpAnswer {
-        let response = crate::support::client()
+        let response = self
+            .client
             .get(format!("{base}{}", self.path()))
             .headers(self.headers())
             .send()
@@ -360,8 +363,9 @@ pub(crate) async fn run_table<T: Transport>(
     transport: &str,
     make: impl AsyncFn(&Simulator, &str) -> T,
 ) {
+    let client = crate::support::client();
     for case in CASES {
-        run_case(transport, case, &make).await;
+        run_case(transport, case, &make, &client).await;
     }
 }
 
@@ -369,6 +373,7 @@ async fn run_case<T: Transport>(
     transport: &str,
     case: &Case,
     make: &impl AsyncFn(&Simulator, &str) -> T,
+    client: &reqwest::Client,
 ) {
     let ctx = format!("{transport}, case {:?}", case.name);
     let sim = Simulator::start().await.expect("simulator starts");
@@ -381,6 +386,7 @@ async fn run_case<T: Transport>(
     let mut request = Request {
         skipped: false,
         tokens: Vec::new(),
+        client: client.clone(),
     };
     let issued = |sim: &Simulator| HeaderValue::try_from(sim.issue_token()).unwrap();
     match &case.arrange {
