@@ -4,7 +4,7 @@
 //! (`sidecar/tests/it/`, which includes this file by path).
 //!
 //! Each case gets a fresh simulator and a fresh transport, sends the same request twice (to
-//! show what is cached) and checks what the client got, how often the upstream was asked and
+//! show what is cached; over HTTP first as a `POST` with a small body, then as a `GET`) and checks what the client got, how often the upstream was asked and
 //! whether the guarded service ran. After an upstream failure it also clears the fault and
 //! sends a third time, to show that nothing bad was cached. The expected values come from the
 //! README's tables, not from the code.
@@ -270,6 +270,8 @@ pub(crate) struct Request {
     pub(crate) skipped: bool,
     /// The token header's values, in order (none: no header; two: the header twice).
     pub(crate) tokens: Vec<HeaderValue>,
+    /// HTTP: sent as a `POST` with this small body, else as a `GET` without one.
+    pub(crate) body: Option<&'static str>,
     /// One HTTP client for the whole table (building one is slow), for [`Self::send_http`].
     client: reqwest::Client,
 }
@@ -293,11 +295,15 @@ impl Request {
         headers
     }
 
-    /// `GET {base}{path}` with the token headers, through `reqwest`.
+    /// `POST` (with [`Self::body`]) or `GET {base}{path}` with the token headers, through one
+    /// `reqwest` client (so the requests of a case share a kept-alive connection).
     pub(crate) async fn send_http(&self, base: &str) -> HttpAnswer {
-        let response = self
-            .client
-            .get(format!("{base}{}", self.path()))
+        let url = format!("{base}{}", self.path());
+        let request = match self.body {
+            Some(body) => self.client.post(url).body(body),
+            None => self.client.get(url),
+        };
+        let response = request
             .headers(self.headers())
             .send()
             .await
@@ -386,6 +392,7 @@ async fn run_case<T: Transport>(
     let mut request = Request {
         skipped: false,
         tokens: Vec::new(),
+        body: None,
         client: client.clone(),
     };
     let issued = |sim: &Simulator| HeaderValue::try_from(sim.issue_token()).unwrap();
@@ -420,8 +427,11 @@ async fn run_case<T: Transport>(
     }
 
     let mut instances = Vec::new();
-    for attempt in ["first", "second"] {
+    // The first request has a body (HTTP), the second none: a rejection must not leave the
+    // unread body in the way of the next request on the connection.
+    for (attempt, body) in [("first", Some("hello")), ("second", None)] {
         let ctx = format!("{ctx}, {attempt} request");
+        request.body = body;
         let outcome = t.send(&request).await;
         if let Some(instance) = check(&ctx, &request, case.answer, outcome) {
             instances.push(instance);
