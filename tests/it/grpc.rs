@@ -1,6 +1,10 @@
 //! The guard in front of a real tonic server, called by a real tonic client over HTTP/2 on
 //! 127.0.0.1, with the simulator as the upstream.
 //!
+//! The behaviour table itself ([`crate::behaviour::CASES`]) runs through it in the `behaviour`
+//! module at the end; the tests here check what the table does not (status messages, a real
+//! wrong API key, a shared cache, the types).
+//!
 //! Each test starts its own simulator and server on free ports. A counting layer sits *inside*
 //! the guard, so every test can say whether the inner service ran and, when it did, whether it
 //! was handed a [`VerifiedToken`]; the simulator counts the upstream calls.
@@ -148,84 +152,6 @@ fn assert_code(result: &Result<ServingStatus, Status>, expected: Code) {
 }
 
 #[tokio::test]
-async fn a_valid_token_gets_serving_and_the_inner_service_sees_a_verified_token() {
-    let (sim, server) = start().await;
-    let token = sim.issue_token();
-    let mut client = server.client().await;
-
-    let result = check(&mut client, Some(&token)).await;
-
-    assert_eq!(result.expect("call succeeds"), ServingStatus::Serving);
-    assert_eq!(server.inner.calls(), 1);
-    assert_eq!(server.inner.verified(), 1);
-    assert_eq!(sim.verify_calls(), 1);
-    assert_eq!(sim.verify_calls_for(&token), 1);
-}
-
-#[tokio::test]
-async fn a_second_call_with_the_same_token_is_answered_from_the_cache() {
-    let (sim, server) = start().await;
-    let token = sim.issue_token();
-    let mut client = server.client().await;
-
-    for _ in 0..2 {
-        let result = check(&mut client, Some(&token)).await;
-        assert_eq!(result.expect("call succeeds"), ServingStatus::Serving);
-    }
-
-    assert_eq!(server.inner.calls(), 2);
-    assert_eq!(server.inner.verified(), 2);
-    assert_eq!(sim.verify_calls_for(&token), 1);
-}
-
-#[tokio::test]
-async fn a_missing_token_is_unauthenticated_without_reaching_the_inner_service_or_the_upstream() {
-    let (sim, server) = start().await;
-    let mut client = server.client().await;
-
-    let result = check(&mut client, None).await;
-
-    assert_code(&result, Code::Unauthenticated);
-    assert_eq!(server.inner.calls(), 0);
-    assert_eq!(sim.verify_calls(), 0);
-}
-
-#[tokio::test]
-async fn a_malformed_token_is_unauthenticated_without_reaching_the_inner_service_or_the_upstream() {
-    let (sim, server) = start().await;
-    let valid = sim.issue_token();
-    let mut client = server.client().await;
-
-    for tokens in [
-        vec!["not-a-uuid"],
-        vec!["ea4f820e-f352-4515-af73-630220045ef"],
-        vec![valid.as_str(), valid.as_str()],
-    ] {
-        let result = check_with(&mut client, &tokens).await;
-        assert_code(&result, Code::Unauthenticated);
-    }
-
-    assert_eq!(server.inner.calls(), 0);
-    assert_eq!(sim.verify_calls(), 0);
-}
-
-#[tokio::test]
-async fn a_revoked_token_is_unauthenticated_after_one_upstream_call_and_then_from_the_cache() {
-    let (sim, server) = start().await;
-    let token = sim.issue_token();
-    sim.revoke(&token);
-    let mut client = server.client().await;
-
-    for _ in 0..2 {
-        let result = check(&mut client, Some(&token)).await;
-        assert_code(&result, Code::Unauthenticated);
-    }
-
-    assert_eq!(server.inner.calls(), 0);
-    assert_eq!(sim.verify_calls_for(&token), 1);
-}
-
-#[tokio::test]
 async fn a_token_the_upstream_does_not_accept_is_unauthenticated_with_its_reason() {
     let (sim, server) = start().await;
     let token = sim.issue_token();
@@ -242,69 +168,6 @@ async fn a_token_the_upstream_does_not_accept_is_unauthenticated_with_its_reason
     );
     assert_eq!(server.inner.calls(), 0);
     assert_eq!(sim.verify_calls(), 1);
-}
-
-#[tokio::test]
-async fn an_upstream_500_is_unavailable_and_not_remembered() {
-    let (sim, server) = start().await;
-    let token = sim.issue_token();
-    sim.set_fault(Fault::Status(500));
-    let mut client = server.client().await;
-
-    let result = check(&mut client, Some(&token)).await;
-
-    assert_code(&result, Code::Unavailable);
-    assert_eq!(server.inner.calls(), 0);
-    assert_eq!(sim.verify_calls(), 1);
-
-    // The failure was not cached: once the upstream recovers, the same token gets through.
-    sim.clear_fault();
-    let result = check(&mut client, Some(&token)).await;
-    assert_eq!(result.expect("call succeeds"), ServingStatus::Serving);
-    assert_eq!(server.inner.calls(), 1);
-    assert_eq!(sim.verify_calls(), 2);
-}
-
-#[tokio::test]
-async fn an_upstream_that_never_answers_is_unavailable_after_the_upstream_timeout() {
-    let sim = Simulator::start().await.expect("simulator starts");
-    let guard = AccessTokenLayer::builder()
-        .base_url(sim.base_url())
-        .api_key(sim.api_key())
-        .upstream_timeout(Duration::from_millis(300))
-        .build()
-        .expect("guard settings are valid");
-    let server = GuardedServer::start(guard).await;
-    let token = sim.issue_token();
-    sim.set_fault(Fault::Hang);
-    let mut client = server.client().await;
-
-    let result = check(&mut client, Some(&token)).await;
-
-    assert_code(&result, Code::Unavailable);
-    assert_eq!(server.inner.calls(), 0);
-    assert_eq!(sim.verify_calls(), 1);
-}
-
-#[tokio::test]
-async fn an_upstream_that_drops_the_connection_or_answers_garbage_is_unavailable() {
-    let sim = Simulator::start().await.expect("simulator starts");
-    let token = sim.issue_token();
-
-    for fault in [Fault::DropConnection, Fault::Garbage] {
-        // A fresh guard per fault: its connection pool holds no connection from before.
-        let server = GuardedServer::start(guard_for(&sim)).await;
-        let mut client = server.client().await;
-        let before = sim.verify_calls();
-        sim.set_fault(fault.clone());
-
-        let result = check(&mut client, Some(&token)).await;
-
-        assert_code(&result, Code::Unavailable);
-        assert_eq!(server.inner.calls(), 0, "{fault:?}");
-        // Connection errors get one retry within the deadline.
-        assert_eq!(sim.verify_calls(), before + 2, "{fault:?}");
-    }
 }
 
 #[tokio::test]
@@ -423,4 +286,60 @@ fn the_layer_fits_a_tonic_server_and_its_parts_are_send_and_sync() {
         assert_send_value(&server);
     }
     let _type_checked: fn(AccessTokenLayer, TcpIncoming) = serve;
+}
+
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through the layer in tonic: a
+/// skipped request is a health `Watch`, every other one a health `Check`.
+mod behaviour {
+    use tonic::metadata::MetadataMap;
+
+    use super::{GuardedServer, HealthCheckRequest, HealthClient};
+    use crate::behaviour::{GRPC_SKIP_PREFIX, Outcome, Request, Runs, Transport, UPSTREAM_TIMEOUT};
+
+    struct Tonic {
+        server: GuardedServer,
+        client: HealthClient<tonic::transport::Channel>,
+    }
+
+    impl Transport for Tonic {
+        async fn send(&self, request: &Request) -> Outcome {
+            let metadata = MetadataMap::from_headers(request.headers());
+            let message = tonic::Request::from_parts(
+                metadata,
+                tonic::Extensions::default(),
+                HealthCheckRequest::default(),
+            );
+            let mut client = self.client.clone();
+            let result = if request.skipped {
+                client.watch(message).await.map(drop)
+            } else {
+                client.check(message).await.map(drop)
+            };
+            Outcome::Grpc(result)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.server.inner.calls(),
+                verified: Some(self.server.inner.verified()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_tonic() {
+        crate::behaviour::run_table("tonic", async |sim, base_url| {
+            let guard = conneqt_guard::AccessTokenLayer::builder()
+                .base_url(base_url)
+                .api_key(sim.api_key())
+                .upstream_timeout(UPSTREAM_TIMEOUT)
+                .skip_path_prefix(GRPC_SKIP_PREFIX)
+                .build()
+                .expect("guard builds");
+            let server = GuardedServer::start(guard).await;
+            let client = server.client().await;
+            Tonic { server, client }
+        })
+        .await;
+    }
 }

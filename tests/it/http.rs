@@ -1,11 +1,13 @@
-//! One test per row of the HTTP behaviour table: what the client gets, whether the inner
-//! service ran, and how often the upstream was called. All over real HTTP on 127.0.0.1.
+//! The HTTP behaviour table through the layer in axum: the table itself
+//! ([`crate::behaviour::CASES`], the `behaviour` module below), plus what it does not check:
+//! the `VerifiedToken` the handler gets, the reasons of a malformed token, the upstream's
+//! reasons for a `400`, and a real wrong or unauthorised API key. All over real HTTP on
+//! 127.0.0.1.
 
 use crate::support;
-use std::time::Duration;
 
-use crate::support::{Harness, Seen, TOKEN_HEADER, problem, start, start_with};
-use conneqt_guard_simulator::{Fault, Simulator};
+use crate::support::{Seen, TOKEN_HEADER, problem, start, start_with};
+use conneqt_guard_simulator::Simulator;
 
 #[tokio::test]
 async fn valid_token_reaches_the_handler_with_a_verified_token_after_one_upstream_call() {
@@ -23,25 +25,6 @@ async fn valid_token_reaches_the_handler_with_a_verified_token_after_one_upstrea
     assert_eq!(seen.fingerprint.len(), 8);
     assert_eq!(h.inner_calls(), 1);
     assert_eq!(h.simulator.verify_calls_for(&token), 1);
-}
-
-#[tokio::test]
-async fn missing_token_is_401_with_a_challenge_and_neither_inner_nor_upstream_is_called() {
-    let h = start().await;
-
-    let response = h.get(None).await;
-
-    assert!(
-        response.headers()["www-authenticate"]
-            .to_str()
-            .unwrap()
-            .starts_with("Conneqt-Instant-Access-Token")
-    );
-    let body = problem(response, 401).await;
-    assert_eq!(body["type"], "tag:conneqt-guard,2026:missing-token");
-    assert!(body.get("invalidParameters").is_none());
-    assert_eq!(h.inner_calls(), 0);
-    assert_eq!(h.upstream_calls(), 0);
 }
 
 #[tokio::test]
@@ -98,34 +81,6 @@ async fn malformed_tokens_are_400_naming_the_header_and_neither_inner_nor_upstre
     }
     assert_eq!(h.inner_calls(), 0);
     assert_eq!(h.upstream_calls(), 0);
-}
-
-#[tokio::test]
-async fn revoked_token_is_410_once_per_gone_ttl_and_inner_is_not_called() {
-    let h = start().await;
-    let token = h.simulator.issue_token();
-    h.simulator.revoke(&token);
-
-    let first = problem(h.get(Some(&token)).await, 410).await;
-    let second = problem(h.get(Some(&token)).await, 410).await;
-
-    assert_eq!(first["type"], "tag:conneqt-guard,2026:token-gone");
-    assert_ne!(first["instance"], second["instance"]);
-    assert_eq!(h.inner_calls(), 0);
-    assert_eq!(
-        h.simulator.verify_calls_for(&token),
-        1,
-        "the gone verdict is cached"
-    );
-}
-
-#[tokio::test]
-async fn unknown_token_is_410_like_a_revoked_one() {
-    let h = start().await;
-    let unknown = "123e4567-e89b-12d3-a456-426614174000";
-    problem(h.get(Some(unknown)).await, 410).await;
-    assert_eq!(h.inner_calls(), 0);
-    assert_eq!(h.upstream_calls(), 1);
 }
 
 #[tokio::test]
@@ -198,88 +153,55 @@ async fn upstream_403_for_our_key_is_500_that_does_not_blame_the_client_and_is_n
     assert_key_problem_is_500_every_time(|sim| sim.unauthorised_api_key().to_owned()).await;
 }
 
-async fn assert_unavailable_every_time(h: &Harness, token: &str, upstream_calls: usize) {
-    for _ in 0..2 {
-        let response = h.get(Some(token)).await;
-        assert_eq!(response.headers()["retry-after"], "1");
-        let body = problem(response, 503).await;
-        assert_eq!(body["type"], "tag:conneqt-guard,2026:upstream-unavailable");
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through the layer in axum.
+mod behaviour {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::behaviour::{Outcome, Request, Runs, SKIP_PREFIX, Transport, UPSTREAM_TIMEOUT};
+    use crate::support::{self, App, Probe};
+
+    /// The layer in an axum app whose inner service is the probe, which counts its runs and
+    /// echoes whether it was handed a `VerifiedToken`.
+    struct Axum {
+        app: App,
+        verified: AtomicUsize,
     }
-    assert_eq!(h.inner_calls(), 0);
-    assert_eq!(
-        h.simulator.verify_calls_for(token),
-        upstream_calls,
-        "errors are never cached"
-    );
-}
 
-#[tokio::test]
-async fn upstream_faults_are_503_with_retry_after_and_never_cached() {
-    // (fault, upstream calls per request: connection errors and 502/503/504 get one retry)
-    let faults = [
-        (Fault::Status(500), 1),
-        (Fault::Status(502), 2),
-        (Fault::Status(503), 2),
-        (Fault::Status(504), 2),
-        (Fault::Status(204), 1),
-        (Fault::Status(302), 1),
-        (Fault::Status(418), 1),
-        (Fault::DropConnection, 2),
-        (Fault::Garbage, 2),
-        (Fault::Hang, 1),
-    ];
-    for (fault, calls_per_request) in faults {
-        let h = start_with(|b| b.upstream_timeout(Duration::from_millis(300))).await;
-        let token = h.simulator.issue_token();
-        h.simulator.set_fault(fault.clone());
-        assert_unavailable_every_time(&h, &token, 2 * calls_per_request).await;
-        // Once the upstream recovers, the same token is accepted: nothing bad was cached.
-        h.simulator.clear_fault();
-        assert_eq!(h.get(Some(&token)).await.status(), 200, "{fault:?}");
-        assert_eq!(h.inner_calls(), 1, "{fault:?}");
+    impl Transport for Axum {
+        async fn send(&self, request: &Request) -> Outcome {
+            let answer = request.send_http(&self.app.url("")).await;
+            if answer.status == 200 {
+                let probe: Probe = serde_json::from_str(&answer.body).expect("a probe answer");
+                if probe.verified_token.is_some() {
+                    self.verified.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Outcome::Http(answer)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.app.inner_calls(),
+                verified: Some(self.verified.load(Ordering::SeqCst)),
+            }
+        }
     }
-}
 
-#[tokio::test]
-async fn slow_upstream_past_the_timeout_is_503() {
-    let h = start_with(|b| b.upstream_timeout(Duration::from_millis(200))).await;
-    let token = h.simulator.issue_token();
-    h.simulator.set_latency(Duration::from_secs(5));
-    assert_unavailable_every_time(&h, &token, 2).await;
-}
-
-#[tokio::test]
-async fn refused_connection_is_503_and_inner_is_not_called() {
-    let h = start().await;
-    let token = h.simulator.issue_token();
-    // A port that nothing listens on: bind, learn the port, close.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
-    let guard = conneqt_guard::AccessTokenLayer::builder()
-        .base_url(format!("http://{closed}"))
-        .api_key("any-key")
-        .build()
-        .unwrap();
-    let app = support::serve(guard).await;
-
-    let response = h
-        .client
-        .get(app.url("/messages"))
-        .header(TOKEN_HEADER, &token)
-        .send()
-        .await
-        .unwrap();
-
-    assert_eq!(response.headers()["retry-after"], "1");
-    problem(response, 503).await;
-    assert_eq!(app.inner_calls(), 0);
-}
-
-#[tokio::test]
-async fn rejections_are_not_cacheable_by_intermediaries() {
-    let h = start().await;
-    let response = h.get(None).await;
-    assert_eq!(response.headers()["cache-control"], "no-store");
+    #[tokio::test]
+    async fn the_table_over_axum() {
+        crate::behaviour::run_table("axum", async |sim, base_url| {
+            let guard = conneqt_guard::AccessTokenLayer::builder()
+                .base_url(base_url)
+                .api_key(sim.api_key())
+                .upstream_timeout(UPSTREAM_TIMEOUT)
+                .skip_path_prefix(SKIP_PREFIX)
+                .build()
+                .expect("guard builds");
+            Axum {
+                app: support::serve_probe(guard).await,
+                verified: AtomicUsize::new(0),
+            }
+        })
+        .await;
+    }
 }

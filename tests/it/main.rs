@@ -3,6 +3,8 @@
 
 mod support;
 
+mod behaviour;
+
 mod cache;
 mod compile;
 mod grpc;

@@ -705,3 +705,69 @@ async fn raw_get(addr: SocketAddr, target: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&response).into_owned()
 }
+
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through `conneqt-guard
+/// forward-auth`, asked directly as a proxy's sub-request would (no `X-Forwarded-*`
+/// headers, so it checks the sub-request's own method and path). There is no service behind
+/// it: a proxy forwards the original request exactly when the answer is 2xx, so "the service
+/// runs" is counted as a 2xx answer, and "with a `VerifiedToken`" as a 2xx carrying
+/// `X-Conneqt-Token-Fingerprint` (a skipped request gets its `200` without one). The shipped
+/// nginx and Caddy configs are checked against real proxies by the tests above.
+mod behaviour {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::FINGERPRINT;
+    use crate::behaviour::{Outcome, Request, Runs, SKIP_PREFIX, Transport, UPSTREAM_TIMEOUT};
+    use crate::sidecar::Sidecar;
+
+    struct ForwardAuth {
+        guard: Sidecar,
+        allowed: AtomicUsize,
+        fingerprinted: AtomicUsize,
+    }
+
+    impl Transport for ForwardAuth {
+        async fn send(&self, request: &Request) -> Outcome {
+            let answer = request.send_http(&self.guard.url("")).await;
+            if (200..300).contains(&answer.status) {
+                self.allowed.fetch_add(1, Ordering::SeqCst);
+                if answer.headers.contains_key(FINGERPRINT) {
+                    self.fingerprinted.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Outcome::Http(answer)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.allowed.load(Ordering::SeqCst),
+                verified: Some(self.fingerprinted.load(Ordering::SeqCst)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_forward_auth() {
+        crate::behaviour::run_table("sidecar forward-auth", async |sim, base_url| {
+            let timeout = format!("{}ms", UPSTREAM_TIMEOUT.as_millis());
+            let guard = Sidecar::start(&[
+                "forward-auth",
+                "--base-url",
+                base_url,
+                "--api-key",
+                sim.api_key(),
+                "--upstream-timeout",
+                &timeout,
+                "--skip-path-prefix",
+                SKIP_PREFIX,
+            ])
+            .await;
+            ForwardAuth {
+                guard,
+                allowed: AtomicUsize::new(0),
+                fingerprinted: AtomicUsize::new(0),
+            }
+        })
+        .await;
+    }
+}

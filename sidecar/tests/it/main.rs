@@ -4,6 +4,9 @@
 // The library tests' helpers (client, problem+json checks), shared rather than copied.
 #[path = "../../../tests/it/support.rs"]
 mod support;
+// The README's behaviour table, written once for the library and the sidecar.
+#[path = "../../../tests/it/behaviour.rs"]
+mod behaviour;
 
 mod sidecar;
 mod system;

@@ -67,38 +67,6 @@ async fn a_valid_token_passes_and_a_multi_megabyte_body_is_echoed_intact() {
 }
 
 #[tokio::test]
-async fn each_rejection_is_the_guards_problem_json_and_the_backend_is_never_called() {
-    let setup = start(&[]).await;
-    let revoked = setup.sim.issue_token();
-    setup.sim.revoke(&revoked);
-    let unverifiable = setup.sim.issue_token();
-    // (token, status, problem type, upstream calls after this row)
-    let rows: [(Option<&str>, u16, &str, usize); 4] = [
-        (None, 401, "missing-token", 0),
-        (Some("not-a-uuid"), 400, "malformed-token", 0),
-        (Some(&revoked), 410, "token-gone", 1),
-        (Some(&unverifiable), 503, "upstream-unavailable", 2),
-    ];
-    for (token, status, kind, upstream_calls) in rows {
-        if status == 503 {
-            setup.sim.set_fault(Fault::Status(500));
-        }
-        let mut request = client().post(setup.proxy.url("/echo")).body("hello");
-        if let Some(token) = token {
-            request = request.header(TOKEN_HEADER, token);
-        }
-        let body = problem(request.send().await.unwrap(), status).await;
-        assert_eq!(
-            body["type"],
-            format!("tag:conneqt-guard,2026:{kind}"),
-            "{body}"
-        );
-        assert_eq!(setup.backend.calls(), 0, "backend called for {kind}");
-        assert_eq!(setup.sim.verify_calls(), upstream_calls, "for {kind}");
-    }
-}
-
-#[tokio::test]
 async fn hop_by_hop_headers_are_dropped_both_ways_and_x_forwarded_headers_added() {
     let setup = start(&[]).await;
     let token = setup.sim.issue_token();
@@ -1032,4 +1000,143 @@ async fn a_rejected_request_whose_large_body_is_never_read_still_gets_its_answer
     }
     assert_eq!(setup.backend.calls(), 0);
     assert_eq!(setup.sim.verify_calls(), 1);
+}
+
+/// The README's behaviour table ([`crate::behaviour::CASES`]) through `conneqt-guard proxy`,
+/// over HTTP/1.1 in front of the counting axum backend and over gRPC (h2c) in front of a
+/// counting tonic health server. A fresh simulator, backend and proxy per case. The backend
+/// cannot see a `VerifiedToken`, so only its received count is checked.
+mod behaviour {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::task::JoinHandle;
+    use tonic::metadata::MetadataMap;
+
+    use super::{Channel, HealthCheckRequest, HealthClient, Server, TcpIncoming};
+    use crate::behaviour::{
+        GRPC_SKIP_PREFIX, Outcome, Request, Runs, SKIP_PREFIX, Transport, UPSTREAM_TIMEOUT,
+        run_table,
+    };
+    use crate::sidecar::{Backend, Sidecar};
+    use conneqt_guard_simulator::Simulator;
+
+    /// `conneqt-guard proxy` in front of `backend`, set up as the table needs.
+    async fn proxy(sim: &Simulator, base_url: &str, backend: &str, skip: &str) -> Sidecar {
+        let timeout = format!("{}ms", UPSTREAM_TIMEOUT.as_millis());
+        Sidecar::start(&[
+            "proxy",
+            "--backend",
+            backend,
+            "--base-url",
+            base_url,
+            "--api-key",
+            sim.api_key(),
+            "--upstream-timeout",
+            &timeout,
+            "--skip-path-prefix",
+            skip,
+        ])
+        .await
+    }
+
+    struct Http1 {
+        backend: Backend,
+        proxy: Sidecar,
+    }
+
+    impl Transport for Http1 {
+        async fn send(&self, request: &Request) -> Outcome {
+            Outcome::Http(request.send_http(&self.proxy.url("")).await)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.backend.calls(),
+                verified: None,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_the_proxy() {
+        run_table("sidecar proxy", async |sim, base_url| {
+            let backend = Backend::start().await;
+            let proxy = proxy(sim, base_url, &backend.url(), SKIP_PREFIX).await;
+            Http1 { backend, proxy }
+        })
+        .await;
+    }
+
+    struct Grpc {
+        calls: Arc<AtomicUsize>,
+        backend: JoinHandle<Result<(), tonic::transport::Error>>,
+        client: HealthClient<Channel>,
+        _proxy: Sidecar,
+    }
+
+    impl Drop for Grpc {
+        fn drop(&mut self) {
+            self.backend.abort();
+        }
+    }
+
+    impl Transport for Grpc {
+        async fn send(&self, request: &Request) -> Outcome {
+            let message = tonic::Request::from_parts(
+                MetadataMap::from_headers(request.headers()),
+                tonic::Extensions::default(),
+                HealthCheckRequest::default(),
+            );
+            let mut client = self.client.clone();
+            let result = if request.skipped {
+                client.watch(message).await.map(drop)
+            } else {
+                client.check(message).await.map(drop)
+            };
+            Outcome::Grpc(result)
+        }
+
+        fn service_runs(&self) -> Runs {
+            Runs {
+                total: self.calls.load(Ordering::SeqCst),
+                verified: None,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_table_over_the_proxy_for_grpc() {
+        run_table("sidecar proxy, gRPC", async |sim, base_url| {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counter = calls.clone();
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            let backend = tokio::spawn(
+                Server::builder()
+                    .layer(tower::util::MapRequestLayer::new(
+                        move |request: http::Request<tonic::body::Body>| {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            request
+                        },
+                    ))
+                    .add_service(health)
+                    .serve_with_incoming(TcpIncoming::from(listener)),
+            );
+            let proxy = proxy(sim, base_url, &format!("http://{addr}"), GRPC_SKIP_PREFIX).await;
+            let channel = Channel::from_shared(proxy.url(""))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            Grpc {
+                calls,
+                backend,
+                client: HealthClient::new(channel),
+                _proxy: proxy,
+            }
+        })
+        .await;
+    }
 }
