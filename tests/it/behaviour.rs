@@ -4,8 +4,9 @@
 //! (`sidecar/tests/it/`, which includes this file by path).
 //!
 //! Each case gets a fresh simulator and a fresh transport, sends the same request twice (to
-//! show what is cached; over HTTP first as a `POST` with a small body, then as a `GET`) and checks what the client got, how often the upstream was asked and
-//! whether the guarded service ran. After an upstream failure it also clears the fault and
+//! show what is cached; over HTTP first as a `POST` with a small body, then as a `GET`) and
+//! checks what the client got, how often the upstream was asked and whether the guarded
+//! service ran. After an upstream failure it also clears the fault and
 //! sends a third time, to show that nothing bad was cached. The expected values come from the
 //! README's tables, not from the code.
 
