@@ -1,19 +1,37 @@
 //! Step 2: remember verdicts, and make sure one token costs at most one upstream call at a time.
 //!
-//! Two bounded moka caches, both keyed on the token's keyed hash: one for valid tokens (lives
-//! `cache_ttl`) and one for gone tokens (lives `gone_ttl`). Keeping them apart means a flood of
-//! revoked tokens can only evict other revoked tokens, never the valid ones in use. Errors and
-//! "not accepted" answers are never stored.
+//! Every verdict is one small entry keyed on the token's 128-bit keyed hash
+//! ([`TokenHash`]; the token itself is never stored here): the hash and the time the verdict
+//! was had, nothing else. Valid verdicts live in one bounded table (`cache_capacity`) and gone
+//! verdicts in another (`gone_capacity`), so a flood of revoked tokens can only evict other
+//! revoked tokens, never the valid ones in use. Errors and "not accepted" answers are never
+//! stored. Expiry is per entry and lazy: a lookup compares the entry's age with `cache_ttl`
+//! (valid), `gone_ttl` (gone), the refresh-ahead age and, for stale-if-error, `cache_ttl` plus
+//! the grace, so one entry serves all of them (there are no parallel marker caches); an entry
+//! found past its last use is dropped there and then, and a full table reuses the slot of one
+//! not used lately (CLOCK). Each table is split into mutex-guarded shards, so a hit takes one
+//! uncontended lock, one hash-table probe and a clock read, and allocates nothing.
+//!
+//! Concurrent misses (and refreshes) for one token share one verification: the first
+//! registers it in the in-flight map and spawns it, later ones wait for its answer.
+//!
+//! Why not moka (which this module used before): per cached valid verdict moka's entry, its
+//! deque nodes and its timer bookkeeping came to about 400 bytes of heap, and its `get` is an
+//! `async fn` that records each read for its eviction policy; this table takes about 60 to 80
+//! bytes per verdict and a fraction of the instructions per hit.
 //!
 //! This module does not know how a token is verified: it is handed the verify future.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(test)]
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
+use tokio::sync::watch;
 
 use crate::token::TokenHash;
 use crate::verdict::Verdict;
@@ -61,34 +79,30 @@ pub(crate) struct CacheSettings {
     pub(crate) stale_grace: Option<Duration>,
 }
 
-/// A valid verdict, with what refresh-ahead needs to know about it.
-#[derive(Debug)]
-struct ValidEntry {
-    verified_at: Instant,
-    /// Set by the one request that starts a refresh; cleared if the refresh fails.
-    refreshing: AtomicBool,
-}
-
-impl ValidEntry {
-    fn now() -> Arc<Self> {
-        Arc::new(Self {
-            verified_at: Instant::now(),
-            refreshing: AtomicBool::new(false),
-        })
-    }
-}
-
 #[derive(Clone)]
 pub(crate) struct VerdictCache {
-    valid: Cache<TokenHash, Arc<ValidEntry>, PassThrough>,
-    gone: Cache<TokenHash, (), PassThrough>,
-    /// Valid verdicts younger than `refresh_after`, only when refresh-ahead is on: what the
-    /// synchronous fast path checks, so a hit on a verdict not yet due for refresh costs one
-    /// `contains_key`.
-    fresh: Option<Cache<TokenHash, (), PassThrough>>,
-    /// Valid verdicts kept `cache_ttl + stale_grace`, only when stale-if-error is on.
-    last_good: Option<Cache<TokenHash, (), PassThrough>>,
-    refresh_after: Option<Duration>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// When each verdict was had, as nanoseconds since `epoch`.
+    valid: Table,
+    gone: Table,
+    /// Verifications under way, by key: a `watch::Receiver` of the answer, type-erased as the
+    /// error type is the caller's.
+    in_flight: Mutex<HashMap<TokenHash, Arc<dyn Any + Send + Sync>, PassThrough>>,
+    epoch: Instant,
+    /// The ages below, in nanoseconds.
+    cache_ttl: u64,
+    gone_ttl: u64,
+    refresh_after: Option<u64>,
+    /// How long a valid entry is kept: `cache_ttl`, plus the stale grace when that is on.
+    keep_valid: u64,
+    stale_if_error: bool,
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Keys are [`TokenHash`]es, already uniformly random, so the maps use their first 64 bits as
@@ -125,143 +139,297 @@ impl Hasher for PassThroughHasher {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here panics while holding a lock, but a poisoned table is still consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A bounded map from key to time stamp, in shards.
+struct Table {
+    shards: Box<[Mutex<Shard>]>,
+    /// `shards.len() - 1` (a power of two, less one).
+    mask: u64,
+}
+
+/// One shard: the entries in a vector the clock hand sweeps, and an index into it.
+struct Shard {
+    index: HashMap<TokenHash, u32, PassThrough>,
+    slots: Vec<Slot>,
+    hand: usize,
+    capacity: usize,
+}
+
+/// One entry: the key and its stamp, whose lowest bit is CLOCK's "used since the hand last
+/// passed" bit (so stamps have a resolution of 2 ns).
+struct Slot {
+    key: TokenHash,
+    stamp: u64,
+}
+
+const USED: u64 = 1;
+
+impl Table {
+    fn new(capacity: u64) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
+        // Enough shards to spread contention, each holding at least 256 entries, so the
+        // capacity is split evenly and the total is exactly `capacity`.
+        let mut count = 1;
+        while count < 64 && count * 2 * 256 <= capacity {
+            count *= 2;
+        }
+        let per_shard = capacity / count;
+        let extra = capacity % count;
+        let shards = (0..count)
+            .map(|i| {
+                let capacity = (per_shard + usize::from(i < extra)).min(u32::MAX as usize);
+                Mutex::new(Shard {
+                    index: HashMap::with_hasher(PassThrough),
+                    slots: Vec::new(),
+                    hand: 0,
+                    capacity,
+                })
+            })
+            .collect();
+        Self {
+            shards,
+            mask: count as u64 - 1,
+        }
+    }
+
+    fn shard(&self, key: &TokenHash) -> MutexGuard<'_, Shard> {
+        // `as usize` keeps the low bits, all the mask needs.
+        lock(&self.shards[(key.shard_bits() & self.mask) as usize])
+    }
+
+    /// The stamp of `key`, marking it used, unless it is older than `keep` at `now` (then it
+    /// is dropped).
+    fn get(&self, key: &TokenHash, now: u64, keep: u64) -> Option<u64> {
+        let mut shard = self.shard(key);
+        let slot = *shard.index.get(key)? as usize;
+        let stamp = shard.slots[slot].stamp & !USED;
+        if now.saturating_sub(stamp) >= keep {
+            shard.remove_slot(slot);
+            return None;
+        }
+        shard.slots[slot].stamp |= USED;
+        Some(stamp)
+    }
+
+    fn insert(&self, key: TokenHash, stamp: u64) {
+        let stamp = stamp & !USED;
+        let mut shard = self.shard(&key);
+        if let Some(&slot) = shard.index.get(&key) {
+            shard.slots[slot as usize].stamp = stamp;
+            return;
+        }
+        if shard.slots.len() < shard.capacity {
+            let slot = shard.slots.len() as u32;
+            shard.slots.push(Slot { key, stamp });
+            shard.index.insert(key, slot);
+            return;
+        }
+        // Full: the first entry the hand finds unused since it last passed makes room.
+        let Shard {
+            index, slots, hand, ..
+        } = &mut *shard;
+        loop {
+            if *hand >= slots.len() {
+                *hand = 0;
+            }
+            let entry = &mut slots[*hand];
+            if entry.stamp & USED == 0 {
+                index.remove(&entry.key);
+                index.insert(key, *hand as u32);
+                *entry = Slot { key, stamp };
+                *hand += 1;
+                return;
+            }
+            entry.stamp &= !USED;
+            *hand += 1;
+        }
+    }
+
+    fn remove(&self, key: &TokenHash) {
+        let mut shard = self.shard(key);
+        if let Some(&slot) = shard.index.get(key) {
+            shard.remove_slot(slot as usize);
+        }
+    }
+
+    fn clear(&self) {
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.index = HashMap::with_hasher(PassThrough);
+            shard.slots = Vec::new();
+            shard.hand = 0;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).slots.len())
+            .sum()
+    }
+}
+
+impl Shard {
+    fn remove_slot(&mut self, slot: usize) {
+        let removed = self.slots.swap_remove(slot);
+        self.index.remove(&removed.key);
+        if let Some(moved) = self.slots.get(slot) {
+            self.index.insert(moved.key, slot as u32);
+        }
+    }
+}
+
 /// What a lookup found.
 enum Found {
-    Valid(Arc<ValidEntry>),
+    /// Valid, verified this many nanoseconds ago.
+    Valid(u64),
     Gone,
 }
 
-/// Why the coalesced verification did not produce a valid entry. All waiters on one token
-/// share this value, so it carries both non-valid verdicts and failures.
-enum NotValid<E> {
-    Verdict(Verdict),
-    Failed(E),
+/// The answer of one shared verification, as its waiters see it.
+type Answer<E> = watch::Receiver<Option<Result<Verdict, E>>>;
+
+/// What [`VerdictCache::start`] did.
+enum Start<E> {
+    /// Started a verification, or joined the one under way: its answer.
+    Answer(Answer<E>),
+    /// One is under way and was not joined (`only_start`, or another error type).
+    Busy,
+    /// The verdict was remembered meanwhile (by a verification that just ended).
+    Cached(Found),
+}
+
+/// Takes a finished (or panicked) verification out of the in-flight map.
+struct Deregister {
+    cache: VerdictCache,
+    key: TokenHash,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        lock(&self.cache.inner.in_flight).remove(&self.key);
+    }
 }
 
 impl VerdictCache {
     pub(crate) fn new(settings: CacheSettings) -> Self {
+        let cache_ttl = nanos(settings.cache_ttl);
+        let grace = settings.stale_grace.map(nanos);
         Self {
-            valid: Cache::builder()
-                .name("conneqt-guard-valid")
-                .max_capacity(settings.valid_capacity)
-                .time_to_live(settings.cache_ttl)
-                .build_with_hasher(PassThrough),
-            gone: Cache::builder()
-                .name("conneqt-guard-gone")
-                .max_capacity(settings.gone_capacity)
-                .time_to_live(settings.gone_ttl)
-                .build_with_hasher(PassThrough),
-            fresh: settings.refresh_after.map(|after| {
-                Cache::builder()
-                    .name("conneqt-guard-fresh")
-                    .max_capacity(settings.valid_capacity)
-                    .time_to_live(after)
-                    .build_with_hasher(PassThrough)
+            inner: Arc::new(Inner {
+                valid: Table::new(settings.valid_capacity),
+                gone: Table::new(settings.gone_capacity),
+                in_flight: Mutex::new(HashMap::with_hasher(PassThrough)),
+                epoch: Instant::now(),
+                cache_ttl,
+                gone_ttl: nanos(settings.gone_ttl),
+                refresh_after: settings.refresh_after.map(nanos),
+                keep_valid: cache_ttl.saturating_add(grace.unwrap_or(0)),
+                stale_if_error: grace.is_some(),
             }),
-            last_good: settings.stale_grace.map(|grace| {
-                Cache::builder()
-                    .name("conneqt-guard-last-good")
-                    .max_capacity(settings.valid_capacity)
-                    .time_to_live(settings.cache_ttl + grace)
-                    .build_with_hasher(PassThrough)
-            }),
-            refresh_after: settings.refresh_after,
         }
     }
 
-    async fn find(&self, key: &TokenHash) -> Option<Found> {
-        if let Some(entry) = self.valid.get(key).await {
-            Some(Found::Valid(entry))
-        } else if self.gone.get(key).await.is_some() {
-            Some(Found::Gone)
-        } else {
-            None
-        }
+    fn now(&self) -> u64 {
+        nanos(self.inner.epoch.elapsed())
     }
 
-    /// Turns what was found into a verdict, starting a background refresh (with the verify
-    /// future `make_verify` makes) when a valid verdict is old enough and nobody else is
-    /// refreshing it.
-    fn on_hit<M, F, E>(
-        &self,
-        key: TokenHash,
-        found: Found,
-        make_verify: M,
-    ) -> (Verdict, CacheResult)
-    where
-        M: FnOnce() -> F,
-        F: Future<Output = Result<Verdict, E>> + Send + 'static,
-        E: Send + 'static,
-    {
-        let entry = match found {
-            Found::Gone => return (Verdict::Gone, CacheResult::Hit),
-            Found::Valid(entry) => entry,
-        };
-        let due = self
-            .refresh_after
-            .is_some_and(|after| entry.verified_at.elapsed() >= after);
-        if !due || entry.refreshing.swap(true, Ordering::AcqRel) {
-            return (Verdict::Valid, CacheResult::Hit);
+    /// A verdict not yet expired: valid (with its age) or gone.
+    fn find(&self, key: &TokenHash, now: u64) -> Option<Found> {
+        let inner = &*self.inner;
+        if let Some(stamp) = inner.valid.get(key, now, inner.keep_valid) {
+            let age = now.saturating_sub(stamp);
+            // Past `cache_ttl`, a valid entry is only kept for stale-if-error.
+            return (age < inner.cache_ttl).then_some(Found::Valid(age));
         }
-        let verify = make_verify();
-        let cache = self.clone();
-        tokio::spawn(async move {
-            match verify.await {
-                Ok(Verdict::Valid) => cache.remember_valid(key).await,
-                Ok(Verdict::Gone) => {
-                    cache.forget(&key).await;
-                    cache.gone.insert(key, ()).await;
-                }
-                // Keep serving the current verdict until it expires; a later use retries.
-                _ => entry.refreshing.store(false, Ordering::Release),
+        inner
+            .gone
+            .get(key, now, inner.gone_ttl)
+            .map(|_| Found::Gone)
+    }
+
+    /// Stores what a verification concluded: valid and gone verdicts replace whatever was
+    /// known; other answers and failures leave it alone (so a failed refresh keeps serving
+    /// the current verdict until it expires).
+    fn remember<E>(&self, key: TokenHash, result: &Result<Verdict, E>) {
+        let inner = &*self.inner;
+        match result {
+            Ok(Verdict::Valid) => {
+                inner.gone.remove(&key);
+                inner.valid.insert(key, self.now());
             }
-        });
-        (Verdict::Valid, CacheResult::HitRefreshing)
-    }
-
-    async fn remember_valid(&self, key: TokenHash) {
-        self.valid.insert(key, ValidEntry::now()).await;
-        self.remember_fresh(key).await;
-    }
-
-    /// The companions of a valid entry: the fresh marker and the stale-if-error copy.
-    async fn remember_fresh(&self, key: TokenHash) {
-        if let Some(fresh) = &self.fresh {
-            fresh.insert(key, ()).await;
-        }
-        if let Some(last_good) = &self.last_good {
-            last_good.insert(key, ()).await;
+            Ok(Verdict::Gone) => {
+                inner.valid.remove(&key);
+                inner.gone.insert(key, self.now());
+            }
+            _ => {}
         }
     }
 
     /// The verdict for `key` when it is cached and needs nothing else done: a valid verdict
-    /// not yet due for refresh, or a gone verdict. Synchronous and cheap (`contains_key`
-    /// lookups), so a cache hit needs no future of its own. `None` means "ask
-    /// [`Self::get_or_verify`]": not cached, or valid and due for a refresh.
-    ///
-    /// `contains_key` does not count as a read for moka's eviction policy, so under capacity
-    /// pressure valid tokens are evicted in about the order they were verified; refreshes
-    /// re-insert tokens in use.
+    /// not yet due for refresh, or a gone verdict. Synchronous and cheap (one shard lock and
+    /// probe per table asked, no allocation), so a cache hit needs no future of its own.
+    /// `None` means "ask [`Self::get_or_verify`]": not cached, or valid and due for a refresh.
     pub(crate) fn lookup_now(&self, key: &TokenHash) -> Option<(Verdict, CacheResult)> {
-        let fresh = match &self.fresh {
-            Some(fresh) => fresh.contains_key(key),
-            None => self.valid.contains_key(key),
-        };
-        if fresh {
-            Some((Verdict::Valid, CacheResult::Hit))
-        } else if self.gone.contains_key(key) {
-            Some((Verdict::Gone, CacheResult::Hit))
-        } else {
-            None
+        match self.find(key, self.now())? {
+            Found::Valid(age) if self.inner.refresh_after.is_some_and(|after| age >= after) => None,
+            Found::Valid(_) => Some((Verdict::Valid, CacheResult::Hit)),
+            Found::Gone => Some((Verdict::Gone, CacheResult::Hit)),
         }
+    }
+
+    /// Starts the verification `make_verify` makes for `key` in its own task, registered in
+    /// the in-flight map, unless one is already under way: then, unless `only_start`, its
+    /// answer is joined.
+    fn start<M, F, E>(&self, key: TokenHash, make_verify: M, only_start: bool) -> Start<E>
+    where
+        M: FnOnce() -> F,
+        F: Future<Output = Result<Verdict, E>> + Send + 'static,
+        E: Send + Sync + 'static,
+    {
+        let mut in_flight = lock(&self.inner.in_flight);
+        if let Some(running) = in_flight.get(&key) {
+            return match running.downcast_ref::<Answer<E>>() {
+                Some(answer) if !only_start => Start::Answer(answer.clone()),
+                _ => Start::Busy,
+            };
+        }
+        if !only_start {
+            // A verification that ended between the caller's lookup and this lock has
+            // remembered its verdict by now (it does so before leaving the map).
+            if let Some(found) = self.find(&key, self.now()) {
+                return Start::Cached(found);
+            }
+        }
+        let (sender, answer) = watch::channel(None);
+        in_flight.insert(key, Arc::new(answer.clone()));
+        drop(in_flight);
+        let verify = make_verify();
+        let deregister = Deregister {
+            cache: self.clone(),
+            key,
+        };
+        tokio::spawn(async move {
+            // On a panic, `deregister` still runs and `sender` is dropped unsent: the
+            // waiters see the verification aborted, and the next request starts afresh.
+            let result = verify.await;
+            deregister.cache.remember(key, &result);
+            drop(deregister);
+            let _ = sender.send(Some(result));
+        });
+        Start::Answer(answer)
     }
 
     /// The cached verdict for `key`, or else the one `verify` produces.
     ///
-    /// Concurrent misses for one key run `verify` once; the others wait for its answer (moka's
-    /// `try_get_with`, always called from here with the same error type, which is what makes
-    /// it coalesce). The verification runs in its own task, so a caller that gives up (its
-    /// client hung up) neither cancels nor restarts the call that others wait on.
+    /// Concurrent misses for one key run `verify` once; the others wait for its answer. The
+    /// verification runs in its own task, so a caller that gives up (its client hung up)
+    /// neither cancels nor restarts the call that others wait on. A valid verdict due for
+    /// refresh is served at once while one request starts the refresh in the background.
     pub(crate) async fn get_or_verify<M, F, E>(
         &self,
         key: TokenHash,
@@ -272,85 +440,64 @@ impl VerdictCache {
         F: Future<Output = Result<Verdict, E>> + Send + 'static,
         E: Clone + From<VerificationAborted> + Send + Sync + 'static,
     {
-        if let Some(found) = self.find(&key).await {
-            let (verdict, how) = self.on_hit(key, found, make_verify);
-            return (Ok(verdict), how);
+        match self.find(&key, self.now()) {
+            Some(Found::Gone) => return (Ok(Verdict::Gone), CacheResult::Hit),
+            Some(Found::Valid(age)) => {
+                let due = self.inner.refresh_after.is_some_and(|after| age >= after);
+                let how = if due && matches!(self.start(key, make_verify, true), Start::Answer(_)) {
+                    CacheResult::HitRefreshing
+                } else {
+                    CacheResult::Hit
+                };
+                return (Ok(Verdict::Valid), how);
+            }
+            None => {}
         }
-        let verify = make_verify();
-        let cache = self.clone();
-        let task = tokio::spawn(async move {
-            let companions = cache.clone();
-            cache
-                .valid
-                .try_get_with(key, async move {
-                    match verify.await {
-                        Ok(Verdict::Valid) => {
-                            companions.remember_fresh(key).await;
-                            Ok(ValidEntry::now())
-                        }
-                        Ok(Verdict::Gone) => {
-                            companions.gone.insert(key, ()).await;
-                            Err(NotValid::Verdict(Verdict::Gone))
-                        }
-                        Ok(other) => Err(NotValid::Verdict(other)),
-                        Err(error) => Err(NotValid::Failed(error)),
-                    }
-                })
-                .await
-        });
-        let result = match task.await {
-            Ok(Ok(_entry)) => Ok(Verdict::Valid),
-            Ok(Err(shared)) => match &*shared {
-                NotValid::Verdict(verdict) => Ok(verdict.clone()),
-                NotValid::Failed(error) => Err(error.clone()),
-            },
-            Err(_join_error) => Err(E::from(VerificationAborted)),
-        };
-        (result, CacheResult::Miss)
+        match self.start(key, make_verify, false) {
+            Start::Answer(answer) => (Self::wait(answer).await, CacheResult::Miss),
+            Start::Cached(Found::Valid(_)) => (Ok(Verdict::Valid), CacheResult::Hit),
+            Start::Cached(Found::Gone) => (Ok(Verdict::Gone), CacheResult::Hit),
+            // Under way with another error type (never in practice: one cache, one caller).
+            Start::Busy => (Err(E::from(VerificationAborted)), CacheResult::Miss),
+        }
+    }
+
+    async fn wait<E: Clone + From<VerificationAborted>>(
+        mut answer: Answer<E>,
+    ) -> Result<Verdict, E> {
+        match answer.wait_for(Option::is_some).await {
+            Ok(result) => result
+                .clone()
+                .unwrap_or_else(|| Err(E::from(VerificationAborted))),
+            Err(_closed) => Err(E::from(VerificationAborted)),
+        }
     }
 
     /// Whether a valid verdict for `key` is within its stale grace (stale-if-error is on and
     /// the token was valid less than `cache_ttl + stale_grace` ago).
     pub(crate) fn has_last_good(&self, key: &TokenHash) -> bool {
-        self.last_good
-            .as_ref()
-            .is_some_and(|last_good| last_good.contains_key(key))
-    }
-
-    async fn forget(&self, key: &TokenHash) {
-        self.valid.invalidate(key).await;
-        if let Some(fresh) = &self.fresh {
-            fresh.invalidate(key).await;
-        }
-        if let Some(last_good) = &self.last_good {
-            last_good.invalidate(key).await;
-        }
+        let inner = &*self.inner;
+        inner.stale_if_error && inner.valid.get(key, self.now(), inner.keep_valid).is_some()
     }
 
     /// Forgets everything known about `key`.
     pub(crate) async fn invalidate(&self, key: &TokenHash) {
-        self.forget(key).await;
-        self.gone.invalidate(key).await;
+        self.inner.valid.remove(key);
+        self.inner.gone.remove(key);
     }
 
     /// Forgets everything.
     pub(crate) fn invalidate_all(&self) {
-        self.valid.invalidate_all();
-        self.gone.invalidate_all();
-        if let Some(fresh) = &self.fresh {
-            fresh.invalidate_all();
-        }
-        if let Some(last_good) = &self.last_good {
-            last_good.invalidate_all();
-        }
+        self.inner.valid.clear();
+        self.inner.gone.clear();
     }
 }
 
 impl std::fmt::Debug for VerdictCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerdictCache")
-            .field("valid_entries", &self.valid.entry_count())
-            .field("gone_entries", &self.gone.entry_count())
+            .field("valid_entries", &self.inner.valid.len())
+            .field("gone_entries", &self.inner.gone.len())
             .finish()
     }
 }

@@ -26,7 +26,7 @@ use crate::cache::CacheResult;
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::telemetry::{self, Outcome};
-use crate::token::PresentedToken;
+use crate::token::{Fingerprint, PresentedToken};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::verdict::{Verdict, VerifiedToken};
 
@@ -228,33 +228,54 @@ pub(crate) fn decide(
     cache: CacheResult,
 ) -> Decision {
     let fingerprint = presented.hash().fingerprint();
+    match judge(result, fingerprint, cache) {
+        Ok(()) => Decision::Forward(VerifiedToken::new(presented)),
+        Err(rejection) => Decision::Reject(rejection),
+    }
+}
+
+/// [`decide`] for a verdict found in the cache in `call`, where the token is still in the
+/// request: `Ok` to forward (the caller makes the [`VerifiedToken`]).
+pub(crate) fn decide_cached(
+    verdict: Verdict,
+    fingerprint: Fingerprint,
+    cache: CacheResult,
+) -> Result<(), Rejection> {
+    judge(Ok(verdict), fingerprint, cache)
+}
+
+/// The decision and its telemetry: the cache and request counters, and the log line.
+fn judge(
+    result: Result<Verdict, UpstreamError>,
+    fingerprint: Fingerprint,
+    cache: CacheResult,
+) -> Result<(), Rejection> {
     telemetry::cache(cache);
-    let decision = decide_quietly(result, presented, fingerprint, cache.as_str());
+    let decision = decide_quietly(result, fingerprint, cache.as_str());
     telemetry::request(match &decision {
-        Decision::Forward(_) => Outcome::Forwarded,
-        Decision::Reject(rejection) => Outcome::Rejected(rejection.reason()),
+        Ok(()) => Outcome::Forwarded,
+        Err(rejection) => Outcome::Rejected(rejection.reason()),
     });
     decision
 }
 
 fn decide_quietly(
     result: Result<Verdict, UpstreamError>,
-    presented: PresentedToken,
-    fingerprint: crate::token::Fingerprint,
+    fingerprint: Fingerprint,
     cache: &'static str,
-) -> Decision {
+) -> Result<(), Rejection> {
     match result {
         Ok(Verdict::Valid) => {
             tracing::trace!(token = %fingerprint, cache, "conneqt-guard: token valid");
-            Decision::Forward(VerifiedToken::new(presented))
+            Ok(())
         }
         Ok(Verdict::Gone) => {
             tracing::debug!(token = %fingerprint, cache, "conneqt-guard: token gone");
-            Decision::Reject(Rejection::gone())
+            Err(Rejection::gone())
         }
         Ok(Verdict::NotAccepted { reasons }) => {
             tracing::debug!(token = %fingerprint, ?reasons, "conneqt-guard: upstream did not accept token");
-            Decision::Reject(Rejection::not_accepted(&reasons))
+            Err(Rejection::not_accepted(&reasons))
         }
         Err(error) if error.is_key_problem() => {
             tracing::error!(
@@ -262,11 +283,11 @@ fn decide_quietly(
                 error = %error,
                 "conneqt-guard: Conneqt refused our ApiKey; every request will fail until the key is fixed"
             );
-            Decision::Reject(Rejection::upstream_rejected_api_key())
+            Err(Rejection::upstream_rejected_api_key())
         }
         Err(error) => {
             tracing::warn!(token = %fingerprint, error = %error, "conneqt-guard: could not verify token");
-            Decision::Reject(Rejection::upstream_unavailable(error.retry_after()))
+            Err(Rejection::upstream_unavailable(error.retry_after()))
         }
     }
 }

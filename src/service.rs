@@ -6,11 +6,12 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::future::{Decision, ResponseFuture, decide};
+use crate::future::{ResponseFuture, decide_cached};
 use crate::layer::Shared;
 use crate::reject::{Rejection, ResponseFormat};
 use crate::telemetry::{self, Outcome};
-use crate::token::{self, PresentedToken};
+use crate::token::{self, Taken};
+use crate::verdict::VerifiedToken;
 
 /// Verifies each request's access token before calling the inner service.
 ///
@@ -65,16 +66,37 @@ where
             return ResponseFuture::forwarding(self.inner.call(request));
         }
 
-        // 1. The token's form; junk is refused without touching the cache or the upstream.
-        // The header is concealed (stripped or marked sensitive) as the token is taken, so
-        // neither the hit nor the miss path forwards it in the clear.
-        let extracted = token::extract(
+        // 1. The token's form and key; junk is refused without touching the cache or the
+        // upstream. The header is concealed (stripped or marked sensitive) as the token is
+        // taken, so neither the hit nor the miss path forwards it in the clear.
+        // 2. A cached verdict that can be had at once (the common case) is found while the
+        // token is still in the header map, and needs no future of our own: forward to the
+        // inner service, which is ready, with the token copied inline, or reject.
+        let shared = &*self.shared;
+        let taken = token::take(
             request.headers_mut(),
-            self.shared.token_format,
-            self.shared.strip_token_header,
+            shared.token_format,
+            shared.strip_token_header,
+            &shared.hasher,
+            |value, key| {
+                let (verdict, how) = shared.cache.lookup_now(&key)?;
+                let fingerprint = key.fingerprint();
+                Some(
+                    decide_cached(verdict, fingerprint, how)
+                        .map(|()| VerifiedToken::copied(value, fingerprint)),
+                )
+            },
         );
-        let value = match extracted {
-            Ok(value) => value,
+        let presented = match taken {
+            Ok(Taken::Presented(presented)) => presented,
+            Ok(Taken::Answered(Ok(token))) => {
+                request.extensions_mut().insert(token);
+                return ResponseFuture::forwarding(self.inner.call(request));
+            }
+            Ok(Taken::Answered(Err(rejection))) => {
+                let format = ResponseFormat::of(&request);
+                return ResponseFuture::rejected(rejection.into_response(format));
+            }
             Err(problem) => {
                 tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
                 let rejection = Rejection::token_problem(problem);
@@ -83,22 +105,6 @@ where
                 return ResponseFuture::rejected(rejection.into_response(format));
             }
         };
-        let presented = PresentedToken::new(value, &self.shared.hasher);
-
-        // 2. A cached verdict that can be had at once (the common case) needs no future of
-        // our own: forward to the inner service, which is ready, or reject.
-        if let Some((verdict, how)) = self.shared.cache.lookup_now(&presented.hash()) {
-            return match decide(Ok(verdict), presented, how) {
-                Decision::Forward(token) => {
-                    request.extensions_mut().insert(token);
-                    ResponseFuture::forwarding(self.inner.call(request))
-                }
-                Decision::Reject(rejection) => {
-                    let format = ResponseFormat::of(&request);
-                    ResponseFuture::rejected(rejection.into_response(format))
-                }
-            };
-        }
 
         // Take the inner service that was polled ready, leaving a clone in its place: a clone
         // may not be ready, and calling it would break services such as `Buffer`.

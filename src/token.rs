@@ -4,6 +4,22 @@
 //! away before the cache or the upstream are asked anything, so junk never costs an upstream
 //! call. The raw token only ever lives in [`PresentedToken`] (and, once verified, in
 //! [`VerifiedToken`](crate::VerifiedToken)); both print a fingerprint in `Debug`, never the value.
+//!
+//! # The cache key
+//!
+//! The cache is keyed on a [`TokenHash`]: a 128-bit keyed hash of the token under a secret
+//! drawn at random once per process, so the raw token is never a cache key and a memory dump
+//! cannot be matched against a list of tokens. 128 bits is enough to treat equal keys as
+//! equal tokens (two of a million tokens collide with a chance of about 2^-88, and the key is
+//! secret, so collisions cannot be sought either).
+//!
+//! A hyphenated UUID, what the vendor issues, is checked and parsed in one pass over its 36
+//! bytes into its 16 bytes plus a 32-bit mask of which hex digits were upper case (so
+//! `ABC…` and `abc…` stay different tokens, as the bytes differ), and those 20 bytes are
+//! hashed with SipHash-2-4-128: three message words, far cheaper than BLAKE3's setup and
+//! finalisation. Any other token (opaque mode) is hashed whole with keyed BLAKE3, truncated to
+//! 128 bits. Both functions are keyed PRFs under independent keys derived from the process
+//! secret.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -56,29 +72,64 @@ impl TokenProblem {
     }
 }
 
-/// Finds exactly one token in `headers`, checks its form, and, once it is taken, conceals the
-/// header as [`conceal`] does (stripped when `strip`, else marked sensitive), all in one
-/// lookup of the header map: this runs on every guarded request.
-pub(crate) fn extract(
+/// What [`take`] did with a request's token.
+pub(crate) enum Taken<T> {
+    /// `on_key` answered from the token's key alone (a cached verdict): the token stays where
+    /// it was (concealed), nothing was copied.
+    Answered(T),
+    /// `on_key` had no answer: the token, for verifying.
+    Presented(PresentedToken),
+}
+
+/// Finds exactly one token in `headers`, checks its form and computes its key, asks `on_key`
+/// (with the header value and the key) whether it can answer at once, and conceals the header
+/// as [`conceal`] does (stripped when `strip`, else marked sensitive), all in one lookup of
+/// the header map: this runs on every guarded request. The value is only copied (or moved out
+/// of the map, when stripping) when `on_key` has no answer.
+pub(crate) fn take<T>(
     headers: &mut HeaderMap,
     format: TokenFormat,
     strip: bool,
-) -> Result<HeaderValue, TokenProblem> {
+    hasher: &TokenHasher,
+    on_key: impl FnOnce(&HeaderValue, TokenHash) -> Option<T>,
+) -> Result<Taken<T>, TokenProblem> {
     let http::header::Entry::Occupied(mut entry) = headers.entry(TOKEN_HEADER) else {
         return Err(TokenProblem::Missing);
     };
     if entry.iter().nth(1).is_some() {
         return Err(TokenProblem::Duplicated);
     }
-    check_form(entry.get().as_bytes(), format)?;
-    let mut value = entry.get().clone();
-    value.set_sensitive(true);
-    if strip {
-        entry.remove();
+    let hash = hasher.checked_hash(entry.get().as_bytes(), format)?;
+    if let Some(answer) = on_key(entry.get(), hash) {
+        if strip {
+            entry.remove();
+        } else {
+            entry.get_mut().set_sensitive(true);
+        }
+        return Ok(Taken::Answered(answer));
+    }
+    let mut value = if strip {
+        entry.remove()
     } else {
         entry.get_mut().set_sensitive(true);
+        entry.get().clone()
+    };
+    value.set_sensitive(true);
+    Ok(Taken::Presented(PresentedToken { value, hash }))
+}
+
+/// [`take`] without the early answer: the token, checked and concealed.
+#[cfg(test)]
+pub(crate) fn extract(
+    headers: &mut HeaderMap,
+    format: TokenFormat,
+    strip: bool,
+) -> Result<HeaderValue, TokenProblem> {
+    let hasher = TokenHasher::for_process().expect("a random key");
+    match take(headers, format, strip, &hasher, |_, _| None::<()>)? {
+        Taken::Presented(presented) => Ok(presented.into_value()),
+        Taken::Answered(()) => unreachable!("never answered"),
     }
-    Ok(value)
 }
 
 /// Keeps the token header from whatever runs further in: removes it when `strip` is set
@@ -94,7 +145,17 @@ pub(crate) fn conceal(headers: &mut HeaderMap, strip: bool) {
 }
 
 /// The syntax rules, as a pure function.
+#[cfg(test)]
 pub(crate) fn check_form(token: &[u8], format: TokenFormat) -> Result<(), TokenProblem> {
+    if format == TokenFormat::Uuid && parse_uuid(token).is_some() {
+        return Ok(());
+    }
+    check_form_slowly(token, format)
+}
+
+/// The rules one by one, naming the first that fails: for tokens that are not a well-formed
+/// UUID, which the one-pass [`parse_uuid`] accepts at once.
+fn check_form_slowly(token: &[u8], format: TokenFormat) -> Result<(), TokenProblem> {
     if token.is_empty() {
         return Err(TokenProblem::Empty);
     }
@@ -104,20 +165,64 @@ pub(crate) fn check_form(token: &[u8], format: TokenFormat) -> Result<(), TokenP
     if !token.iter().all(u8::is_ascii_graphic) {
         return Err(TokenProblem::InvalidCharacters);
     }
-    if format == TokenFormat::Uuid && !is_hyphenated_uuid(token) {
+    if format == TokenFormat::Uuid && parse_uuid(token).is_none() {
         return Err(TokenProblem::NotUuid);
     }
     Ok(())
 }
 
-/// `8-4-4-4-12` hex digits. Written out rather than parsed with `uuid`, which also accepts
-/// the braced, URN and un-hyphenated forms that the vendor never issues.
-fn is_hyphenated_uuid(token: &[u8]) -> bool {
-    token.len() == 36
-        && token.iter().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => *b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
+/// A hyphenated UUID's 16 bytes, and which of its 32 hex digits were upper case (bit 31 for
+/// the first digit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ParsedUuid {
+    bytes: [u8; 16],
+    upper: u32,
+}
+
+/// Where the 32 hex digits of `8-4-4-4-12` sit.
+const DIGITS: [usize; 32] = [
+    0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25, 26, 27, 28, 29,
+    30, 31, 32, 33, 34, 35,
+];
+
+/// Per byte: its hex value, `| UPPER` for `A`-`F`, or `BAD` when it is not a hex digit.
+const UPPER: u8 = 0x10;
+const BAD: u8 = 0x80;
+const HEX: [u8; 256] = {
+    let mut table = [BAD; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = (10 + i as u8) | UPPER;
+        i += 1;
+    }
+    table
+};
+
+/// `8-4-4-4-12` hex digits, in either case, checked and decoded in one pass. Written out
+/// rather than parsed with `uuid`, which also accepts the braced, URN and un-hyphenated forms
+/// that the vendor never issues (and would lose the case).
+fn parse_uuid(token: &[u8]) -> Option<ParsedUuid> {
+    let token: &[u8; 36] = token.try_into().ok()?;
+    if token[8] != b'-' || token[13] != b'-' || token[18] != b'-' || token[23] != b'-' {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    let mut upper = 0u32;
+    let mut seen = 0u8;
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        let high = HEX[usize::from(token[DIGITS[2 * i]])];
+        let low = HEX[usize::from(token[DIGITS[2 * i + 1]])];
+        seen |= high | low;
+        upper = (upper << 2) | u32::from((high & UPPER) >> 3) | u32::from((low & UPPER) >> 4);
+        *byte = (high << 4) | (low & 0x0f);
+    }
+    (seen & BAD == 0).then_some(ParsedUuid { bytes, upper })
 }
 
 /// A token as the client presented it, syntax-checked but not yet verified.
@@ -130,6 +235,7 @@ pub(crate) struct PresentedToken {
 }
 
 impl PresentedToken {
+    #[cfg(test)]
     pub(crate) fn new(value: HeaderValue, hasher: &TokenHasher) -> Self {
         let hash = hasher.hash(value.as_bytes());
         Self { value, hash }
@@ -156,24 +262,28 @@ impl fmt::Debug for PresentedToken {
     }
 }
 
-/// The keyed BLAKE3 hash of a token: what the cache is keyed on, so the raw token is never
-/// stored there and a memory dump cannot be matched against a list of tokens.
+/// The 128-bit keyed hash of a token (see the [module documentation](self)): what the cache is
+/// keyed on, so the raw token is never stored there and a memory dump cannot be matched
+/// against a list of tokens.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TokenHash([u8; 32]);
+pub(crate) struct TokenHash([u64; 2]);
 
-/// Feeds a hash table 64 bits of the (already uniformly random) keyed hash; see
+/// Feeds a hash table the first 64 bits of the (already uniformly random) keyed hash; see
 /// [`crate::cache`]'s pass-through hasher.
 impl std::hash::Hash for TokenHash {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let [a, b, c, d, e, f, g, h, ..] = self.0;
-        state.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+        state.write_u64(self.0[0]);
     }
 }
 
 impl TokenHash {
     pub(crate) fn fingerprint(&self) -> Fingerprint {
-        let [a, b, c, d, ..] = self.0;
-        Fingerprint(u32::from_be_bytes([a, b, c, d]))
+        Fingerprint((self.0[1] >> 32) as u32)
+    }
+
+    /// Bits independent of those [`Hash`](std::hash::Hash) feeds a table, for choosing a shard.
+    pub(crate) fn shard_bits(&self) -> u64 {
+        self.0[1]
     }
 }
 
@@ -204,32 +314,129 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
-/// Hashes tokens with the process's secret key.
+/// Hashes tokens with the process's secret keys.
 #[derive(Clone, Copy)]
 pub(crate) struct TokenHasher {
-    key: &'static [u8; 32],
+    keys: &'static ProcessKeys,
 }
 
-static PROCESS_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+/// The process's secret: the BLAKE3 key drawn from the operating system, and the SipHash key
+/// derived from it (so the two functions never share key material).
+struct ProcessKeys {
+    blake3: [u8; 32],
+    sip: [u64; 2],
+}
+
+static PROCESS_KEYS: OnceLock<ProcessKeys> = OnceLock::new();
 
 impl TokenHasher {
-    /// The hasher with this process's key, drawing the 256-bit key from the operating
+    /// The hasher with this process's keys, drawing the 256-bit secret from the operating
     /// system's random source the first time.
     pub(crate) fn for_process() -> Result<Self, getrandom::Error> {
-        if let Some(key) = PROCESS_KEY.get() {
-            return Ok(Self { key });
+        if let Some(keys) = PROCESS_KEYS.get() {
+            return Ok(Self { keys });
         }
         let mut fresh = [0u8; 32];
         getrandom::fill(&mut fresh)?;
-        // If another thread won the race, its key is used and ours is dropped.
+        let derived = blake3::derive_key("conneqt-guard 2025 token siphash key", &fresh);
+        let word = |i: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&derived[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        let keys = ProcessKeys {
+            blake3: fresh,
+            sip: [word(0), word(1)],
+        };
+        // If another thread won the race, its keys are used and ours are dropped.
         Ok(Self {
-            key: PROCESS_KEY.get_or_init(|| fresh),
+            keys: PROCESS_KEYS.get_or_init(|| keys),
         })
     }
 
+    /// The key of any token, well-formed or not (as [`AccessTokenLayer::invalidate`]
+    /// (crate::AccessTokenLayer::invalidate) is handed it): the same key [`take`] computes.
     pub(crate) fn hash(&self, token: &[u8]) -> TokenHash {
-        TokenHash(*blake3::keyed_hash(self.key, token).as_bytes())
+        match parse_uuid(token) {
+            Some(uuid) => self.hash_uuid(uuid),
+            None => self.hash_opaque(token),
+        }
     }
+
+    /// Checks the form and computes the key, in one pass over a UUID.
+    fn checked_hash(&self, token: &[u8], format: TokenFormat) -> Result<TokenHash, TokenProblem> {
+        if let Some(uuid) = parse_uuid(token) {
+            return Ok(self.hash_uuid(uuid));
+        }
+        check_form_slowly(token, format)?;
+        Ok(self.hash_opaque(token))
+    }
+
+    fn hash_uuid(&self, uuid: ParsedUuid) -> TokenHash {
+        let [a, b] = [&uuid.bytes[..8], &uuid.bytes[8..]].map(|half| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(half);
+            u64::from_le_bytes(word)
+        });
+        // The 20-byte message `bytes || upper (little-endian)`: its last block is the 4-byte
+        // tail and the length, as SipHash pads it.
+        let last = u64::from(uuid.upper) | (20 << 56);
+        TokenHash(siphash_2_4_128(self.keys.sip, &[a, b], last))
+    }
+
+    fn hash_opaque(&self, token: &[u8]) -> TokenHash {
+        let hash = blake3::keyed_hash(&self.keys.blake3, token);
+        let bytes = hash.as_bytes();
+        let word = |i: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(word)
+        };
+        TokenHash([word(0), word(1)])
+    }
+}
+
+/// SipHash-2-4 with 128-bit output (Aumasson and Bernstein's reference `siphash.c` with
+/// `cROUNDS = 2, dROUNDS = 4` and a 16-byte output), over a message given as its whole
+/// little-endian 64-bit words and its last block (the tail bytes, with the message length
+/// modulo 256 in the top byte).
+fn siphash_2_4_128(key: [u64; 2], words: &[u64], last: u64) -> [u64; 2] {
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+    let [k0, k1] = key;
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d ^ 0xee,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    for &m in words.iter().chain(std::iter::once(&last)) {
+        v[3] ^= m;
+        round(&mut v);
+        round(&mut v);
+        v[0] ^= m;
+    }
+    v[2] ^= 0xee;
+    for _ in 0..4 {
+        round(&mut v);
+    }
+    let first = v[0] ^ v[1] ^ v[2] ^ v[3];
+    v[1] ^= 0xdd;
+    for _ in 0..4 {
+        round(&mut v);
+    }
+    [first, v[0] ^ v[1] ^ v[2] ^ v[3]]
 }
 
 impl fmt::Debug for TokenHasher {
@@ -374,11 +581,144 @@ mod tests {
             hasher.hash(GOOD.as_bytes()),
             hasher.hash(b"ea4f820e-f352-4515-af73-630220045ef1")
         );
-        // Keyed: not the plain BLAKE3 of the token, which anyone could compute.
+        // Keyed: not the SipHash of the token under a known key, which anyone could compute.
+        let parsed = parse_uuid(GOOD.as_bytes()).unwrap();
+        let mut message = parsed.bytes.to_vec();
+        message.extend_from_slice(&parsed.upper.to_le_bytes());
+        assert_ne!(hasher.hash(GOOD.as_bytes()).0, sip_bytes([0, 0], &message));
+        // Opaque tokens: keyed BLAKE3, not the plain one.
+        let plain = blake3::hash(b"opaque-token");
         assert_ne!(
-            hasher.hash(GOOD.as_bytes()).0,
-            *blake3::hash(GOOD.as_bytes()).as_bytes()
+            hasher.hash(b"opaque-token").0[0].to_le_bytes(),
+            plain.as_bytes()[..8]
         );
+    }
+
+    /// SipHash-2-4-128 of a byte string, through the word interface.
+    fn sip_bytes(key: [u64; 2], message: &[u8]) -> [u64; 2] {
+        let chunks = message.chunks_exact(8);
+        let tail = chunks.remainder();
+        let words: Vec<u64> = chunks
+            .map(|chunk| u64::from_le_bytes(chunk.try_into().unwrap()))
+            .collect();
+        let mut last = (message.len() as u64 & 0xff) << 56;
+        for (i, byte) in tail.iter().enumerate() {
+            last |= u64::from(*byte) << (8 * i);
+        }
+        siphash_2_4_128(key, &words, last)
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vectors() {
+        // `vectors_sip128` of the reference implementation (github.com/veorq/SipHash):
+        // key 00..0f, message 00..(len-1).
+        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+        let cases: [(usize, [u8; 16]); 4] = [
+            (
+                0,
+                [
+                    0xa3, 0x81, 0x7f, 0x04, 0xba, 0x25, 0xa8, 0xe6, 0x6d, 0xf6, 0x72, 0x14, 0xc7,
+                    0x55, 0x02, 0x93,
+                ],
+            ),
+            (
+                1,
+                [
+                    0xda, 0x87, 0xc1, 0xd8, 0x6b, 0x99, 0xaf, 0x44, 0x34, 0x76, 0x59, 0x11, 0x9b,
+                    0x22, 0xfc, 0x45,
+                ],
+            ),
+            (
+                15,
+                [
+                    0x54, 0x93, 0xe9, 0x99, 0x33, 0xb0, 0xa8, 0x11, 0x7e, 0x08, 0xec, 0x0f, 0x97,
+                    0xcf, 0xc3, 0xd9,
+                ],
+            ),
+            (
+                20,
+                [
+                    0x9e, 0x25, 0xfc, 0x83, 0x3f, 0x22, 0x90, 0x73, 0x3e, 0x93, 0x44, 0xa5, 0xe8,
+                    0x38, 0x39, 0xeb,
+                ],
+            ),
+        ];
+        for (len, expected) in cases {
+            let message: Vec<u8> = (0..len as u8).collect();
+            let [a, b] = sip_bytes(key, &message);
+            let mut out = a.to_le_bytes().to_vec();
+            out.extend_from_slice(&b.to_le_bytes());
+            assert_eq!(out, expected, "length {len}");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_parse_agrees_with_uuid_and_keeps_the_case() {
+        let parsed = parse_uuid(GOOD.as_bytes()).unwrap();
+        assert_eq!(
+            parsed.bytes,
+            *uuid::Uuid::parse_str(GOOD).unwrap().as_bytes()
+        );
+        assert_eq!(parsed.upper, 0);
+        let upper = GOOD.to_uppercase();
+        let parsed_upper = parse_uuid(upper.as_bytes()).unwrap();
+        assert_eq!(parsed_upper.bytes, parsed.bytes);
+        // One bit per letter digit: e a f e f a f e f (the hex letters of GOOD).
+        let letters = GOOD.bytes().filter(u8::is_ascii_alphabetic).count();
+        assert_eq!(parsed_upper.upper.count_ones() as usize, letters);
+        // Case matters to the key, as the bytes differ.
+        let hasher = TokenHasher::for_process().unwrap();
+        assert_ne!(hasher.hash(GOOD.as_bytes()), hasher.hash(upper.as_bytes()));
+        for bad in [
+            "ea4f820e-f352-4515-af73-630220045efg",
+            "ea4f820e-f352-4515-af73_630220045ef0",
+            "ea4f820e-f352-4515-af7-3630220045ef0",
+            "ea4f820e-f352-4515-af73-630220045ef",
+            "ea4f820e-f352-4515-af73-630220045ef0 ",
+        ] {
+            assert_eq!(parse_uuid(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn take_answers_from_the_key_or_presents_the_token_and_conceals_it_either_way() {
+        let hasher = TokenHasher::for_process().unwrap();
+        for strip in [false, true] {
+            let mut map = headers(&[GOOD.as_bytes()]);
+            let taken = take(
+                &mut map,
+                TokenFormat::Uuid,
+                strip,
+                &hasher,
+                |value, hash| {
+                    assert_eq!(value.as_bytes(), GOOD.as_bytes());
+                    (hash == hasher.hash(GOOD.as_bytes())).then_some(7)
+                },
+            );
+            assert!(matches!(taken, Ok(Taken::Answered(7))));
+            assert_eq!(map.contains_key(TOKEN_HEADER), !strip);
+            assert!(
+                map.get_all(TOKEN_HEADER)
+                    .iter()
+                    .all(HeaderValue::is_sensitive)
+            );
+
+            let mut map = headers(&[GOOD.as_bytes()]);
+            let taken = take(
+                &mut map,
+                TokenFormat::Uuid,
+                strip,
+                &hasher,
+                |_, _| None::<()>,
+            );
+            let Ok(Taken::Presented(presented)) = taken else {
+                panic!("presented")
+            };
+            assert_eq!(presented.header_value().as_bytes(), GOOD.as_bytes());
+            assert!(presented.header_value().is_sensitive());
+            assert_eq!(presented.hash(), hasher.hash(GOOD.as_bytes()));
+            assert_eq!(map.contains_key(TOKEN_HEADER), !strip);
+        }
     }
 
     #[test]

@@ -38,17 +38,47 @@ pub(crate) enum Verdict {
 /// ```
 #[derive(Clone)]
 pub struct VerifiedToken {
-    value: HeaderValue,
+    value: Value,
     fingerprint: Fingerprint,
 }
+
+/// The token's bytes: copied inline when they fit (every UUID does), so a cache hit neither
+/// clones the header value (which allocates for a value not parsed from a shared buffer) nor
+/// moves it out of the request.
+#[derive(Clone)]
+enum Value {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Header(HeaderValue),
+}
+
+/// A hyphenated UUID's length.
+const INLINE: usize = 36;
 
 impl VerifiedToken {
     pub(crate) fn new(presented: PresentedToken) -> Self {
         let fingerprint = presented.hash().fingerprint();
         Self {
-            value: presented.into_value(),
+            value: Value::Header(presented.into_value()),
             fingerprint,
         }
+    }
+
+    /// A token found valid in the cache, copied from the request's header.
+    pub(crate) fn copied(value: &HeaderValue, fingerprint: Fingerprint) -> Self {
+        let token = value.as_bytes();
+        let value = match u8::try_from(token.len()) {
+            Ok(len) if token.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..token.len()].copy_from_slice(token);
+                Value::Inline { len, bytes }
+            }
+            _ => {
+                let mut value = value.clone();
+                value.set_sensitive(true);
+                Value::Header(value)
+            }
+        };
+        Self { value, fingerprint }
     }
 
     /// The token itself, for calls the handler makes to Conneqt on the user's behalf.
@@ -56,7 +86,12 @@ impl VerifiedToken {
     /// Treat it as a secret: do not log it or put it in responses.
     pub fn as_str(&self) -> &str {
         // The token passed the visible-ASCII check before verification, so this never fails.
-        self.value.to_str().unwrap_or_default()
+        match &self.value {
+            Value::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Value::Header(value) => value.to_str().unwrap_or_default(),
+        }
     }
 
     /// A short label for logs that does not reveal the token (see [`Fingerprint`]).
