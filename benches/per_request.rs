@@ -62,7 +62,6 @@ fn main() {
     let started = SystemTime::now();
 
     per_request(&mut criterion, &fixture);
-    hit_components(&mut criterion);
     criterion.final_summary();
 
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and criterion then only
@@ -130,42 +129,6 @@ fn per_request(criterion: &mut Criterion, fixture: &Fixture) {
         upstream_calls, misses,
         "every miss request should have reached the upstream"
     );
-}
-
-/// The main costs a cache hit adds over a header compare, each measured alone, so the README
-/// can say where the hit's time goes.
-fn hit_components(criterion: &mut Criterion) {
-    use std::hint::black_box;
-    let mut group = criterion.benchmark_group("hit_components");
-    let key = [7u8; 32];
-    let token = b"ea4f820e-f352-4515-af73-630220045ef0";
-    group.bench_function("blake3_keyed_hash_of_token", |b| {
-        b.iter(|| blake3::keyed_hash(black_box(&key), black_box(token)));
-    });
-    let cache: moka::future::Cache<[u8; 32], ()> = moka::future::Cache::builder()
-        .max_capacity(100_000)
-        .time_to_live(Duration::from_secs(60))
-        .build();
-    let hash = *blake3::keyed_hash(&key, token).as_bytes();
-    block_on(cache.insert(hash, ()));
-    group.bench_function("moka_contains_key_hit", |b| {
-        b.iter(|| cache.contains_key(black_box(&hash)));
-    });
-    group.bench_function("request_extensions_insert", |b| {
-        b.iter(|| {
-            let mut extensions = http::Extensions::new();
-            extensions.insert(black_box(42_u64));
-            extensions
-        });
-    });
-    group.finish();
-}
-
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(future)
 }
 
 /// Times (a), (b) and (c) again, interleaved, and prints medians and ratios.

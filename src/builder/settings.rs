@@ -138,7 +138,7 @@ enum Slot<'a> {
 
 const MS: Duration = Duration::from_millis(1);
 /// The longest a verdict may be trusted or remembered (7 days). Longer is almost certainly a
-/// unit mistake, and moka panics on durations of centuries.
+/// unit mistake.
 const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 const TTL: Kind = Kind::Duration {
     min: MS,
