@@ -18,8 +18,8 @@ async fn many_sequential_requests_with_one_token_make_one_upstream_call() {
     assert_eq!(h.simulator.verify_calls_for(&token), 1);
 }
 
-// TTL tests wait for wall-clock time on purpose: expiry *is* the passage of time, and moka's
-// clock cannot be paused from outside. The TTLs are short and the waits have a wide margin.
+// TTL tests wait for wall-clock time on purpose: expiry *is* the passage of time, and the
+// cache's clock (std's `Instant`) cannot be paused from outside. The TTLs are short and the waits have a wide margin.
 
 #[tokio::test]
 async fn a_valid_verdict_expires_after_cache_ttl_and_the_upstream_is_asked_again() {
@@ -150,6 +150,40 @@ async fn different_tokens_never_share_verdicts() {
     assert_eq!(h.simulator.verify_calls_for(&revoked), 1);
     assert_eq!(h.simulator.verify_calls_for(&near), 1);
     assert_eq!(h.inner_calls(), 3);
+}
+
+/// A flood of distinct valid tokens beyond `cache_capacity` evicts the tokens seen once, not
+/// the one in use between them: the hot token is verified once, and the table stays at its
+/// capacity (the flood's first token has been evicted, so it is asked about again).
+#[tokio::test]
+async fn a_flood_of_valid_tokens_beyond_the_capacity_keeps_the_hot_token_cached() {
+    const CAPACITY: u64 = 50;
+    let h = start_with(|b| b.cache_capacity(CAPACITY)).await;
+    let hot = h.simulator.issue_token();
+    let flood: Vec<String> = (0..CAPACITY * 20)
+        .map(|_| h.simulator.issue_token())
+        .collect();
+    for token in &flood {
+        assert_eq!(h.get(Some(token)).await.status(), 200);
+        assert_eq!(h.get(Some(&hot)).await.status(), 200);
+    }
+    assert_eq!(
+        h.simulator.verify_calls_for(&hot),
+        1,
+        "the hot token stayed cached"
+    );
+    assert!(
+        flood
+            .iter()
+            .all(|token| h.simulator.verify_calls_for(token) == 1)
+    );
+    assert_eq!(h.get(Some(&flood[0])).await.status(), 200);
+    assert_eq!(
+        h.simulator.verify_calls_for(&flood[0]),
+        2,
+        "the table is bounded: the flood's first token was evicted"
+    );
+    assert_eq!(h.inner_calls(), flood.len() * 2 + 1);
 }
 
 #[tokio::test]
