@@ -114,6 +114,11 @@ impl AccessTokenLayerBuilder {
     }
 
     /// The most valid tokens remembered at once. At least 1; default 100,000.
+    ///
+    /// The table is split into up to 64 shards of equal size (each at least 256 entries), so
+    /// a shard the tokens' hashes happen to favour starts reusing the slots of verdicts not
+    /// used lately a little before the whole table is full: size it with some headroom over
+    /// the tokens you expect to be active (memory is taken as entries arrive, not up front).
     pub fn cache_capacity(mut self, tokens: u64) -> Self {
         self.settings.cache_capacity = tokens;
         self
