@@ -233,7 +233,12 @@ fn fill(runtime: &Runtime, layer: &AccessTokenLayer, prefix: u32, range: std::op
 
 /// This process's resident set size, from `VmRSS` in `/proc/self/status`.
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    vm_rss("self").unwrap_or(0)
+}
+
+/// The resident set size of process `pid` (or `self`), from `VmRSS` in its `status`.
+fn vm_rss(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
@@ -244,7 +249,7 @@ fn rss_bytes() -> u64 {
                 .parse::<u64>()
                 .ok()
         })
-        .map_or(0, |kib| kib * 1024)
+        .map(|kib| kib * 1024)
 }
 
 /// The number of valid verdicts the cache counts, as the layer's `Debug` output shows it
@@ -307,18 +312,7 @@ fn trimmed_rss(pid: u32) -> Option<u64> {
     if !output.status.success() {
         return None;
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
+    vm_rss(&pid.to_string())
 }
 
 /// What one child run reported.
