@@ -16,6 +16,7 @@
 //! let sim = Simulator::start().await?;
 //! let token = sim.issue_token();
 //!
+//! # let _ = rustls::crypto::ring::default_provider().install_default();
 //! let client = reqwest::Client::builder().no_proxy().build()?;
 //! let verify = |token: String| {
 //!     client

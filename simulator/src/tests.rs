@@ -11,6 +11,8 @@ use super::{Fault, Simulator};
 const JSON_UTF8: &str = "application/json; charset=utf-8";
 
 fn client() -> Client {
+    // reqwest is built without a TLS provider of its own (see Cargo.toml).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::builder().no_proxy().build().expect("client")
 }
 

@@ -518,7 +518,11 @@ mod tests {
     #[tokio::test]
     async fn a_verification_that_gets_no_slot_before_its_deadline_is_overloaded() {
         let upstream = Upstream::new(
-            reqwest::Client::builder().no_proxy().build().unwrap(),
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(super::tls::client_config().unwrap())
+                .no_proxy()
+                .build()
+                .unwrap(),
             // Never called: the only slot is held by the test.
             "http://127.0.0.1:9/verify".parse().unwrap(),
             "http://127.0.0.1:9/test".parse().unwrap(),

@@ -143,7 +143,10 @@ async fn harness(
     }
 }
 
+/// A client for the tests' plain-HTTP requests. reqwest is built without a TLS provider of its
+/// own (see Cargo.toml), so ring is installed as the process default first.
 pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
