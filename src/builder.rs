@@ -8,7 +8,8 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::cache::{CacheSettings, VerdictCache};
-use crate::layer::{AccessTokenLayer, Shared};
+use crate::guard::Guard;
+use crate::layer::AccessTokenLayer;
 use crate::skip::{self, SkipRules};
 use crate::token::{TokenFormat, TokenHasher};
 use crate::upstream::{ApiKey, Resilience, Upstream};
@@ -291,7 +292,7 @@ impl AccessTokenLayerBuilder {
                 .then(|| settings.cache_ttl.mul_f64(settings.refresh_ahead_share)),
             stale_grace: settings.stale_if_error,
         });
-        Ok(AccessTokenLayer::from_shared(Shared {
+        Ok(AccessTokenLayer::new(Guard {
             token_format: if settings.accept_opaque_tokens {
                 TokenFormat::Opaque
             } else {

@@ -3,14 +3,16 @@
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
 use tower_layer::Layer;
 
 use crate::builder::AccessTokenLayerBuilder;
-use crate::cache::VerdictCache;
+use crate::guard::{Decision, Guard, Start};
+use crate::reject::ResponseFormat;
 use crate::service::AccessTokenService;
-use crate::skip::SkipRules;
-use crate::token::{TokenFormat, TokenHasher};
-use crate::upstream::{KeyCheck, Upstream, UpstreamError};
+use crate::upstream::{KeyCheck, UpstreamError};
 
 /// A tower layer that lets a request through only with a `Conneqt-Instant-Access-Token`
 /// that Conneqt has verified.
@@ -20,18 +22,7 @@ use crate::upstream::{KeyCheck, Upstream, UpstreamError};
 /// See the [crate documentation](crate) for the behaviour and an example.
 #[derive(Clone)]
 pub struct AccessTokenLayer {
-    shared: Arc<Shared>,
-}
-
-/// State shared by the layer, its clones, and every service and future they make.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) token_format: TokenFormat,
-    pub(crate) hasher: TokenHasher,
-    pub(crate) cache: VerdictCache,
-    pub(crate) upstream: Arc<Upstream>,
-    pub(crate) skip: SkipRules,
-    pub(crate) strip_token_header: bool,
+    guard: Arc<Guard>,
 }
 
 impl AccessTokenLayer {
@@ -40,28 +31,81 @@ impl AccessTokenLayer {
         AccessTokenLayerBuilder::default()
     }
 
-    pub(crate) fn from_shared(shared: Shared) -> Self {
+    pub(crate) fn new(guard: Guard) -> Self {
         Self {
-            shared: Arc::new(shared),
+            guard: Arc::new(guard),
+        }
+    }
+
+    /// Asks the guard about one request without an inner service: the request back, ready to
+    /// hand on, or the response the guard answers instead. For proxies and auth sub-requests
+    /// (the `conneqt-guard` sidecar uses it), in the shape of tower-http's
+    /// `AsyncAuthorizeRequest`.
+    ///
+    /// The request comes back as [`AccessTokenService`] would pass it to its inner service:
+    /// with a [`VerifiedToken`](crate::VerifiedToken) in its extensions (none when a skip rule
+    /// let it through) and the token header concealed or stripped. A rejection is the same
+    /// problem+json or gRPC response the service sends, with its
+    /// [`RejectionReason`](crate::RejectionReason) in the extensions.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let conneqt = conneqt_guard_simulator::Simulator::start().await?;
+    /// # let guard = conneqt_guard::AccessTokenLayer::builder()
+    /// #     .base_url(conneqt.base_url())
+    /// #     .api_key(conneqt.api_key())
+    /// #     .build()?;
+    /// use conneqt_guard::{RejectionReason, VerifiedToken};
+    ///
+    /// let request = http::Request::get("/messages")
+    ///     .header("Conneqt-Instant-Access-Token", conneqt.issue_token())
+    ///     .body(())?;
+    /// let request = guard.authorize(request).await.expect("a token Conneqt issued passes");
+    /// assert!(request.extensions().get::<VerifiedToken>().is_some());
+    ///
+    /// let rejection = guard.authorize(http::Request::get("/messages").body(())?).await.unwrap_err();
+    /// assert_eq!(rejection.status(), 401);
+    /// assert_eq!(rejection.extensions().get(), Some(&RejectionReason::MissingToken));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn authorize<B>(
+        &self,
+        mut request: Request<B>,
+    ) -> Result<Request<B>, Response<Full<Bytes>>> {
+        let decision = match self.guard.start(&mut request) {
+            Start::Forward => return Ok(request),
+            Start::Reject(rejection) => Decision::Reject(rejection),
+            Start::Verify(presented) => self.guard.clone().verify(presented).await,
+        };
+        match decision {
+            Decision::Forward(token) => {
+                request.extensions_mut().insert(token);
+                Ok(request)
+            }
+            Decision::Reject(rejection) => {
+                Err(rejection.into_response(ResponseFormat::of(&request)))
+            }
         }
     }
 
     /// Forgets the cached verdict for `token` (for example when the application learns the
     /// user logged out), so its next request is verified again. Affects every clone.
     pub async fn invalidate(&self, token: &str) {
-        let key = self.shared.hasher.hash(token.as_bytes());
-        self.shared.cache.invalidate(&key).await;
+        let key = self.guard.hasher.hash(token.as_bytes());
+        self.guard.cache.invalidate(&key).await;
     }
 
     /// Forgets every cached verdict. Affects every clone.
     pub fn invalidate_all(&self) {
-        self.shared.cache.invalidate_all();
+        self.guard.cache.invalidate_all();
     }
 
     /// Checks the API key and the connection with `GET /api/v1/test`, without spending a
     /// token. Call it at start-up to fail fast on a wrong key or an unreachable upstream.
     pub async fn check_connection(&self) -> ConnectionStatus {
-        match self.shared.upstream.check_key().await {
+        match self.guard.upstream.check_key().await {
             KeyCheck::Ok => ConnectionStatus::Ok,
             KeyCheck::Failed(UpstreamError::KeyRejected) => ConnectionStatus::KeyRejected,
             KeyCheck::Failed(UpstreamError::KeyNotAuthorised) => ConnectionStatus::KeyNotAuthorised,
@@ -76,14 +120,14 @@ impl<S> Layer<S> for AccessTokenLayer {
     type Service = AccessTokenService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessTokenService::new(inner, self.shared.clone())
+        AccessTokenService::new(inner, self.guard.clone())
     }
 }
 
 impl fmt::Debug for AccessTokenLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessTokenLayer")
-            .field("shared", &self.shared)
+            .field("guard", &self.guard)
             .finish()
     }
 }

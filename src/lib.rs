@@ -108,7 +108,9 @@
 mod builder;
 mod layer;
 mod service;
-// The request's path, in order: skip → token → cache → upstream → verdict → rejection.
+// The request's path in one place, and its steps in order: skip → token → cache → upstream →
+// verdict → rejection.
+mod guard;
 mod skip;
 mod token;
 mod cache;

@@ -6,12 +6,9 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::future::{ResponseFuture, decide_cached};
-use crate::layer::Shared;
-use crate::reject::{Rejection, ResponseFormat};
-use crate::telemetry::{self, Outcome};
-use crate::token::{self, Taken};
-use crate::verdict::VerifiedToken;
+use crate::future::ResponseFuture;
+use crate::guard::{Guard, Start};
+use crate::reject::ResponseFormat;
 
 /// Verifies each request's access token before calling the inner service.
 ///
@@ -19,12 +16,12 @@ use crate::verdict::VerifiedToken;
 #[derive(Clone, Debug)]
 pub struct AccessTokenService<S> {
     inner: S,
-    shared: Arc<Shared>,
+    guard: Arc<Guard>,
 }
 
 impl<S> AccessTokenService<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
-        Self { inner, shared }
+    pub(crate) fn new(inner: S, guard: Arc<Guard>) -> Self {
+        Self { inner, guard }
     }
 
     /// The inner service.
@@ -55,55 +52,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // 0. Requests a skip rule lets through go straight to the inner service, which is
-        // ready, without a `VerifiedToken`.
-        let (mut request, skipped) = self.shared.skip.check(request);
-        if let Some(rule) = skipped {
-            tracing::trace!(method = %request.method(), %rule, "conneqt-guard: request passed unverified (skip rule)");
-            token::conceal(request.headers_mut(), self.shared.strip_token_header);
-            telemetry::request(Outcome::Skipped);
-            return ResponseFuture::forwarding(self.inner.call(request));
-        }
-
-        // 1. The token's form and key; junk is refused without touching the cache or the
-        // upstream. The header is concealed (stripped or marked sensitive) as the token is
-        // taken, so neither the hit nor the miss path forwards it in the clear.
-        // 2. A cached verdict that can be had at once (the common case) is found while the
-        // token is still in the header map, and needs no future of our own: forward to the
-        // inner service, which is ready, with the token copied inline, or reject.
-        let shared = &*self.shared;
-        let taken = token::take(
-            request.headers_mut(),
-            shared.token_format,
-            shared.strip_token_header,
-            &shared.hasher,
-            |value, key| {
-                let (verdict, how) = shared.cache.lookup_now(&key)?;
-                let fingerprint = key.fingerprint();
-                Some(
-                    decide_cached(verdict, fingerprint, how)
-                        .map(|()| VerifiedToken::copied(value, fingerprint)),
-                )
-            },
-        );
-        let presented = match taken {
-            Ok(Taken::Presented(presented)) => presented,
-            Ok(Taken::Answered(Ok(token))) => {
-                request.extensions_mut().insert(token);
-                return ResponseFuture::forwarding(self.inner.call(request));
-            }
-            Ok(Taken::Answered(Err(rejection))) => {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // Skip rules, the token and a verdict the cache has at once (the common case) need no
+        // future of our own: call the inner service, which is ready, or reject.
+        let presented = match self.guard.start(&mut request) {
+            Start::Forward => return ResponseFuture::forwarding(self.inner.call(request)),
+            Start::Reject(rejection) => {
                 let format = ResponseFormat::of(&request);
                 return ResponseFuture::rejected(rejection.into_response(format));
             }
-            Err(problem) => {
-                tracing::debug!(reason = ?problem, "conneqt-guard: refused a request before verification");
-                let rejection = Rejection::token_problem(problem);
-                telemetry::request(Outcome::Rejected(rejection.reason()));
-                let format = ResponseFormat::of(&request);
-                return ResponseFuture::rejected(rejection.into_response(format));
-            }
+            Start::Verify(presented) => presented,
         };
 
         // Take the inner service that was polled ready, leaving a clone in its place: a clone
@@ -112,9 +70,9 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
 
-        // 2-4. Cache, upstream and verdict, in the future. How a rejection would be written is
-        // decided now, while the request is at hand.
+        // The cache's wait and the upstream, in the future. How a rejection would be written
+        // is decided now, while the request is at hand.
         let format = ResponseFormat::of(&request);
-        ResponseFuture::checking(self.shared.clone(), presented, inner, request, format)
+        ResponseFuture::checking(self.guard.clone(), presented, inner, request, format)
     }
 }

@@ -100,29 +100,42 @@ impl SkipRules {
 
     /// Whether a rule lets `request` through unverified, and which.
     ///
-    /// Takes the request by value because a predicate sees its head as [`Parts`], which only
-    /// [`Request::into_parts`] gives; splitting and rejoining are moves, not copies, and happen
-    /// only when a predicate is configured and no cheaper rule matched.
-    pub(crate) fn check<B>(&self, request: Request<B>) -> (Request<B>, Option<Matched<'_>>) {
+    /// A predicate sees the request's head as [`Parts`]: only when a predicate is configured
+    /// and no cheaper rule matched, the head is moved into a `Parts` for it and back (moves,
+    /// not copies), so the request is never taken by value.
+    #[inline]
+    pub(crate) fn check<B>(&self, request: &mut Request<B>) -> Option<Matched<'_>> {
         if let Some(prefix) = self
             .prefixes
             .iter()
             .find(|p| path_matches(p, request.uri().path()))
         {
-            return (request, Some(Matched::PathPrefix(prefix)));
+            return Some(Matched::PathPrefix(prefix));
         }
-        if self.cors_preflight && is_cors_preflight(&request) {
-            return (request, Some(Matched::CorsPreflight));
+        if self.cors_preflight && is_cors_preflight(request) {
+            return Some(Matched::CorsPreflight);
         }
         if self.predicates.is_empty() {
-            return (request, None);
+            return None;
         }
-        let (parts, body) = request.into_parts();
+        let matched = self.check_predicates(request);
+        matched.then_some(Matched::Predicate)
+    }
+
+    #[inline(never)]
+    fn check_predicates<B>(&self, request: &mut Request<B>) -> bool {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = std::mem::take(request.method_mut());
+        parts.uri = std::mem::take(request.uri_mut());
+        parts.version = request.version();
+        parts.headers = std::mem::take(request.headers_mut());
+        parts.extensions = std::mem::take(request.extensions_mut());
         let matched = self.predicates.iter().any(|predicate| predicate(&parts));
-        (
-            Request::from_parts(parts, body),
-            matched.then_some(Matched::Predicate),
-        )
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = parts.uri;
+        *request.headers_mut() = parts.headers;
+        *request.extensions_mut() = parts.extensions;
+        matched
     }
 }
 
@@ -295,9 +308,8 @@ mod tests {
             .unwrap()
     }
 
-    fn matched(rules: &SkipRules, request: Request<()>) -> Option<String> {
-        let (_, matched) = rules.check(request);
-        matched.map(|m| m.to_string())
+    fn matched(rules: &SkipRules, mut request: Request<()>) -> Option<String> {
+        rules.check(&mut request).map(|m| m.to_string())
     }
 
     #[test]
@@ -567,7 +579,7 @@ mod tests {
     }
 
     #[test]
-    fn a_predicate_sees_the_request_head_and_the_request_comes_back_whole() {
+    fn a_predicate_sees_the_request_head_and_the_request_is_left_whole() {
         let mut rules = SkipRules::default();
         rules.add_predicate(Arc::new(|parts: &Parts| {
             parts.method == Method::GET && parts.uri.path() == "/metrics"
@@ -578,12 +590,15 @@ mod tests {
             .body(42)
             .unwrap();
         metrics.extensions_mut().insert(7_u8);
-        let (back, rule) = rules.check(metrics);
+        *metrics.version_mut() = http::Version::HTTP_2;
+        let rule = rules.check(&mut metrics);
         assert_eq!(rule, Some(Matched::Predicate));
-        assert_eq!(back.uri(), "/metrics?x=1");
-        assert_eq!(back.headers()["x-probe"], "1");
-        assert_eq!(back.extensions().get::<u8>(), Some(&7));
-        assert_eq!(*back.body(), 42);
+        assert_eq!(metrics.method(), Method::GET);
+        assert_eq!(metrics.uri(), "/metrics?x=1");
+        assert_eq!(metrics.version(), http::Version::HTTP_2);
+        assert_eq!(metrics.headers()["x-probe"], "1");
+        assert_eq!(metrics.extensions().get::<u8>(), Some(&7));
+        assert_eq!(*metrics.body(), 42);
         assert_eq!(matched(&rules, request(Method::POST, "/metrics")), None);
     }
 

@@ -1,6 +1,6 @@
-//! `conneqt-guard forward-auth`: answers a proxy's auth sub-request. The guard wraps [`Allow`],
-//! which answers `200` with the token's fingerprint; [`ForwardAuth`] around the guard makes
-//! every rejection a plain HTTP status and labels it with `X-Conneqt-Guard-Status` and
+//! `conneqt-guard forward-auth`: answers a proxy's auth sub-request. [`ForwardAuth`] asks the
+//! guard ([`AccessTokenLayer::authorize`]) and answers `200` with the token's fingerprint, or
+//! the guard's rejection as a plain HTTP status labelled with `X-Conneqt-Guard-Status` and
 //! `X-Conneqt-Guard-Reason`.
 //!
 //! The guard checks the request the client sent, not the sub-request: nginx `auth_request`,
@@ -18,11 +18,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use conneqt_guard::{RejectionReason, VerifiedToken};
+use conneqt_guard::{AccessTokenLayer, RejectionReason, VerifiedToken};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::Full;
 use tower_service::Service;
 
 use crate::http1;
@@ -44,34 +44,11 @@ const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 /// [`REASON_HEADER`] of a sub-request whose `X-Forwarded-*` headers are unusable.
 const MALFORMED_REQUEST: HeaderValue = HeaderValue::from_static("malformed_request");
 
-/// The service behind the guard: reached only with a verified token, so it says yes.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Allow;
-
-impl<B> Service<Request<B>> for Allow {
-    type Response = Response<Empty<Bytes>>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let mut response = Response::new(Empty::new());
-        if let Some(token) = request.extensions().get::<VerifiedToken>()
-            && let Ok(value) = HeaderValue::from_str(&token.fingerprint().to_string())
-        {
-            response.headers_mut().insert(FINGERPRINT_HEADER, value);
-        }
-        std::future::ready(Ok(response))
-    }
-}
-
-/// Wraps the guarded [`Allow`]: gives the guard the original request's method and target
-/// (from `X-Forwarded-Method` and `X-Forwarded-Uri`, when present), drops the sub-request's
-/// `Content-Type` before the guard sees it, and adds [`STATUS_HEADER`] and [`REASON_HEADER`] to
-/// the guard's rejections.
+/// The forward-auth service: gives the guard the original request's method and target (from
+/// `X-Forwarded-Method` and `X-Forwarded-Uri`, when present), drops the sub-request's
+/// `Content-Type` before the guard sees it, and answers `200` with [`FINGERPRINT_HEADER`] when
+/// the guard lets the request through, or the guard's rejection with [`STATUS_HEADER`] and
+/// [`REASON_HEADER`] added.
 ///
 /// A sub-request whose `X-Forwarded-Method` or `X-Forwarded-Uri` is present but unusable
 /// (repeated, not a method, not an origin-form path) gets `400` problem+json
@@ -81,49 +58,59 @@ impl<B> Service<Request<B>> for Allow {
 /// Without the `Content-Type` step a gRPC request's rejection would be a trailers-only gRPC
 /// status, which is HTTP `200`: every auth proxy would read that as "allow".
 #[derive(Clone, Debug)]
-pub(crate) struct ForwardAuth<S> {
-    inner: S,
+pub(crate) struct ForwardAuth {
+    guard: AccessTokenLayer,
 }
 
-impl<S> ForwardAuth<S> {
-    pub(crate) fn new(inner: S) -> Self {
-        Self { inner }
+impl ForwardAuth {
+    pub(crate) fn new(guard: AccessTokenLayer) -> Self {
+        Self { guard }
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ForwardAuth<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-    ResBody: Send + 'static,
-{
-    type Response = Response<Either<ResBody, Full<Bytes>>>;
+impl<B: Send + 'static> Service<Request<B>> for ForwardAuth {
+    type Response = Response<Full<Bytes>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         if let Err(detail) = use_original_request(&mut request) {
             tracing::debug!(detail, "forward-auth sub-request refused: answering 400");
-            let response = malformed_request(detail).map(Either::Right);
-            return Box::pin(std::future::ready(Ok(response)));
+            return Box::pin(std::future::ready(Ok(malformed_request(detail))));
         }
         request.headers_mut().remove(header::CONTENT_TYPE);
-        let future = self.inner.call(request);
+        let guard = self.guard.clone();
         Box::pin(async move {
-            let mut response = future.await?.map(Either::Left);
-            if let Some(reason) = response.extensions().get::<RejectionReason>().copied() {
-                let status = HeaderValue::from(response.status().as_u16());
-                let headers = response.headers_mut();
-                headers.insert(STATUS_HEADER, status);
-                headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-            }
-            Ok(response)
+            Ok(match guard.authorize(request).await {
+                Ok(request) => allowed(request.extensions().get::<VerifiedToken>()),
+                Err(mut rejection) => {
+                    let status = HeaderValue::from(rejection.status().as_u16());
+                    let reason = rejection.extensions().get::<RejectionReason>().copied();
+                    let headers = rejection.headers_mut();
+                    headers.insert(STATUS_HEADER, status);
+                    if let Some(reason) = reason {
+                        headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+                    }
+                    rejection
+                }
+            })
         })
     }
+}
+
+/// `200`, with the token's fingerprint when there is one (none when a skip rule matched).
+fn allowed(token: Option<&VerifiedToken>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::default());
+    if let Some(token) = token
+        && let Ok(value) = HeaderValue::from_str(&token.fingerprint().to_string())
+    {
+        response.headers_mut().insert(FINGERPRINT_HEADER, value);
+    }
+    response
 }
 
 /// Replaces the sub-request's method and target with the original request's, from

@@ -108,10 +108,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             relay::Relay::new(&guard, backend.clone(), timeouts),
             tower_layer::Layer::layer(&guard, proxy::Forwarder::new(backend, timeouts)),
         ))),
-        None => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(tower_layer::Layer::layer(
-            &guard,
-            forward_auth::Allow,
-        ))),
+        None => Frontend::ForwardAuth(forward_auth::ForwardAuth::new(guard.clone())),
     };
     let (workers, finished) = start_workers(&frontend, common.workers(), &stopped, grace)?;
     let acceptor = tokio::spawn(server::accept(listener, stopped, {
@@ -155,7 +152,7 @@ enum Frontend {
             conneqt_guard::AccessTokenService<proxy::Forwarder>,
         )>,
     ),
-    ForwardAuth(forward_auth::ForwardAuth<conneqt_guard::AccessTokenService<forward_auth::Allow>>),
+    ForwardAuth(forward_auth::ForwardAuth),
 }
 
 /// Starts `count` threads, each with a single-threaded runtime that serves the connections

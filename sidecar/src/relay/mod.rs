@@ -22,7 +22,7 @@ mod body;
 mod request;
 mod response;
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,16 +31,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use conneqt_guard::{AccessTokenLayer, AccessTokenService, RejectionReason};
+use conneqt_guard::AccessTokenLayer;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tower_service::Service;
 
 use self::body::{Framing, read_within, relay_body};
 pub(crate) use self::request::Refusal;
@@ -67,7 +66,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// connect there (`K`: TCP to the backend, or an in-memory pipe in tests), the timeouts.
 #[derive(Debug)]
 pub(crate) struct Relay<K = Backend> {
-    guard: AccessTokenService<Pass>,
+    guard: AccessTokenLayer,
     backend: Arc<Backend>,
     connector: Arc<K>,
     timeouts: Timeouts,
@@ -98,7 +97,7 @@ impl<K: Connect> Relay<K> {
         timeouts: Timeouts,
     ) -> Self {
         Self {
-            guard: tower_layer::Layer::layer(guard, Pass),
+            guard: guard.clone(),
             backend,
             connector,
             timeouts,
@@ -277,21 +276,16 @@ impl<C: Stream, K: Connect> Connection<C, K> {
             upgrade,
         } = head;
         let (method, uri) = (request.method().clone(), request.uri().clone());
-        let response = {
-            let guard = &mut self.relay.guard;
-            // `Pass` is always ready, and so is the guard around it.
-            let _ = poll_fn(|cx| guard.poll_ready(cx)).await;
-            match guard.call(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
+        let request = match self.relay.guard.authorize(request).await {
+            Ok(request) => request,
+            Err(rejection) => {
+                // The body was not read: the connection cannot be used again unless there is
+                // none.
+                let keep_alive = !close && !has_body;
+                return self.respond_locally(rejection, keep_alive).await;
             }
         };
-        if response.extensions().get::<RejectionReason>().is_some() {
-            // The body was not read: the connection cannot be used again unless there is none.
-            let keep_alive = !close && !has_body;
-            return self.respond_locally(response, keep_alive).await;
-        }
-        let mut headers = response.into_parts().0.headers;
+        let mut headers = request.into_parts().0.headers;
         let original_host = headers.get(header::HOST).cloned();
         http1::remove_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
@@ -748,28 +742,6 @@ async fn relay_response(
             tracing::debug!(%error, "relaying the response failed: closing");
             Err(Failure::DuringResponse)
         }
-    }
-}
-
-/// The service the guard wraps on this path: it hands the request's headers back, as the
-/// guard left them (token concealed or stripped), in its response, for the relay to forward.
-/// A rejection is told apart by the [`RejectionReason`] the guard puts in its extensions.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Pass;
-
-impl Service<Request<()>> for Pass {
-    type Response = Response<Empty<Bytes>>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<()>) -> Self::Future {
-        let mut response = Response::new(Empty::new());
-        *response.headers_mut() = request.into_parts().0.headers;
-        std::future::ready(Ok(response))
     }
 }
 
