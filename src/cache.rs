@@ -26,8 +26,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-#[cfg(test)]
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +39,33 @@ use crate::verdict::Verdict;
 /// down). Treated like any other upstream failure: fail closed.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct VerificationAborted;
+
+/// Why the cache asks for a verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Asked {
+    /// Nothing usable is cached.
+    Miss,
+    /// The valid verdict in use is due for refresh-ahead.
+    Refresh,
+}
+
+/// What a verification learned: the verdict, and how old it already was when had (zero from
+/// the upstream; from a shared tier, its age there), so the entry expires when the verdict
+/// it came from does.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Learned {
+    pub(crate) verdict: Verdict,
+    pub(crate) age: Duration,
+}
+
+impl From<Verdict> for Learned {
+    fn from(verdict: Verdict) -> Self {
+        Self {
+            verdict,
+            age: Duration::ZERO,
+        }
+    }
+}
 
 /// How a verdict was had, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +117,9 @@ struct Inner {
     /// Verifications under way, by key: a `watch::Receiver` of the answer, type-erased as the
     /// error type is the caller's.
     in_flight: Mutex<HashMap<TokenHash, Arc<dyn Any + Send + Sync>, PassThrough>>,
+    /// Bumped by every invalidation, before it removes anything: a verification that started
+    /// before one does not leave its verdict behind (see [`VerdictCache::remember`]).
+    invalidations: AtomicU64,
     epoch: Instant,
     /// The ages below, in nanoseconds.
     cache_ttl: u64,
@@ -100,6 +129,9 @@ struct Inner {
     keep_valid: u64,
     stale_if_error: bool,
 }
+
+/// The oldest a learned verdict can be stamped: longer than any TTL the settings allow (7 days).
+const BACKDATE: u64 = 8 * 24 * 60 * 60 * 1_000_000_000;
 
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
@@ -324,6 +356,7 @@ impl VerdictCache {
                 valid: Table::new(settings.valid_capacity),
                 gone: Table::new(settings.gone_capacity),
                 in_flight: Mutex::new(HashMap::with_hasher(PassThrough)),
+                invalidations: AtomicU64::new(0),
                 epoch: Instant::now(),
                 cache_ttl,
                 gone_ttl: nanos(settings.gone_ttl),
@@ -334,8 +367,10 @@ impl VerdictCache {
         }
     }
 
+    /// Nanoseconds since `epoch`, plus [`BACKDATE`] so that a verdict learned old can be
+    /// stamped before the cache existed.
     fn now(&self) -> u64 {
-        nanos(self.inner.epoch.elapsed())
+        nanos(self.inner.epoch.elapsed()) + BACKDATE
     }
 
     /// A verdict not yet expired: valid (with its age) or gone.
@@ -352,21 +387,33 @@ impl VerdictCache {
             .map(|_| Found::Gone)
     }
 
-    /// Stores what a verification concluded: valid and gone verdicts replace whatever was
-    /// known; other answers and failures leave it alone (so a failed refresh keeps serving
+    /// Stores what a verification that started at invalidation count `started` concluded:
+    /// valid and gone verdicts replace whatever was known, stamped as old as they were when
+    /// learned; other answers and failures leave it alone (so a failed refresh keeps serving
     /// the current verdict until it expires).
-    fn remember<E>(&self, key: TokenHash, result: &Result<Verdict, E>) {
+    ///
+    /// An invalidation since `started` (a logout, or a revocation another replica
+    /// published) may have removed the key before this insert: then the insert is undone.
+    /// Invalidations bump the count before removing, so either their removal comes after
+    /// this insert, or this check sees the bump.
+    fn remember<E>(&self, key: TokenHash, result: &Result<Learned, E>, started: u64) {
         let inner = &*self.inner;
-        match result {
-            Ok(Verdict::Valid) => {
+        let Ok(learned) = result else { return };
+        let stamp = self.now() - nanos(learned.age).min(BACKDATE);
+        let table = match learned.verdict {
+            Verdict::Valid => {
                 inner.gone.remove(&key);
-                inner.valid.insert(key, self.now());
+                &inner.valid
             }
-            Ok(Verdict::Gone) => {
+            Verdict::Gone => {
                 inner.valid.remove(&key);
-                inner.gone.insert(key, self.now());
+                &inner.gone
             }
-            _ => {}
+            Verdict::NotAccepted { .. } => return,
+        };
+        table.insert(key, stamp);
+        if inner.invalidations.load(Ordering::SeqCst) != started {
+            table.remove(&key);
         }
     }
 
@@ -387,8 +434,8 @@ impl VerdictCache {
     /// answer is joined.
     fn start<M, F, E>(&self, key: TokenHash, make_verify: M, only_start: bool) -> Start<E>
     where
-        M: FnOnce() -> F,
-        F: Future<Output = Result<Verdict, E>> + Send + 'static,
+        M: FnOnce(Asked) -> F,
+        F: Future<Output = Result<Learned, E>> + Send + 'static,
         E: Send + Sync + 'static,
     {
         let mut in_flight = lock(&self.inner.in_flight);
@@ -408,7 +455,12 @@ impl VerdictCache {
         let (sender, answer) = watch::channel(None);
         in_flight.insert(key, Arc::new(answer.clone()));
         drop(in_flight);
-        let verify = make_verify();
+        let started = self.inner.invalidations.load(Ordering::SeqCst);
+        let verify = make_verify(if only_start {
+            Asked::Refresh
+        } else {
+            Asked::Miss
+        });
         let deregister = Deregister {
             cache: self.clone(),
             key,
@@ -417,9 +469,9 @@ impl VerdictCache {
             // On a panic, `deregister` still runs and `sender` is dropped unsent: the
             // waiters see the verification aborted, and the next request starts afresh.
             let result = verify.await;
-            deregister.cache.remember(key, &result);
+            deregister.cache.remember(key, &result, started);
             drop(deregister);
-            let _ = sender.send(Some(result));
+            let _ = sender.send(Some(result.map(|learned| learned.verdict)));
         });
         Start::Answer(answer)
     }
@@ -436,8 +488,8 @@ impl VerdictCache {
         make_verify: M,
     ) -> (Result<Verdict, E>, CacheResult)
     where
-        M: FnOnce() -> F,
-        F: Future<Output = Result<Verdict, E>> + Send + 'static,
+        M: FnOnce(Asked) -> F,
+        F: Future<Output = Result<Learned, E>> + Send + 'static,
         E: Clone + From<VerificationAborted> + Send + Sync + 'static,
     {
         match self.find(&key, self.now()) {
@@ -480,14 +532,16 @@ impl VerdictCache {
         inner.stale_if_error && inner.valid.get(key, self.now(), inner.keep_valid).is_some()
     }
 
-    /// Forgets everything known about `key`.
-    pub(crate) async fn invalidate(&self, key: &TokenHash) {
+    /// Forgets everything known about `key`, and what verifications under way would learn.
+    pub(crate) fn invalidate(&self, key: &TokenHash) {
+        self.inner.invalidations.fetch_add(1, Ordering::SeqCst);
         self.inner.valid.remove(key);
         self.inner.gone.remove(key);
     }
 
-    /// Forgets everything.
+    /// Forgets everything, and what verifications under way would learn.
     pub(crate) fn invalidate_all(&self) {
+        self.inner.invalidations.fetch_add(1, Ordering::SeqCst);
         self.inner.valid.clear();
         self.inner.gone.clear();
     }
@@ -547,7 +601,7 @@ mod tests {
             let calls = calls.clone();
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                answer
+                answer.map(Learned::from)
             }
         };
         for (token, answer, remembered) in [
@@ -562,10 +616,10 @@ mod tests {
         ] {
             calls.store(0, Ordering::SeqCst);
             let (first, how) = cache
-                .get_or_verify(key(token), || counted(answer.clone()))
+                .get_or_verify(key(token), |_| counted(answer.clone()))
                 .await;
             assert_eq!((first, how), (answer.clone(), CacheResult::Miss), "{token}");
-            let (_, how) = cache.get_or_verify(key(token), || counted(answer)).await;
+            let (_, how) = cache.get_or_verify(key(token), |_| counted(answer)).await;
             let expected = if remembered {
                 CacheResult::Hit
             } else {
@@ -584,7 +638,7 @@ mod tests {
     async fn a_panicking_verification_fails_closed() {
         let cache = cache();
         let (result, _) = cache
-            .get_or_verify(key("boom"), || async { panic!("verify exploded") })
+            .get_or_verify(key("boom"), |_| async { panic!("verify exploded") })
             .await;
         assert_eq!(result, Err::<Verdict, _>(TestError::Aborted));
     }
@@ -594,10 +648,14 @@ mod tests {
         let cache = cache();
         assert_eq!(now(&cache, "v"), None);
         let _ = cache
-            .get_or_verify(key("v"), || async { Ok::<_, TestError>(Verdict::Valid) })
+            .get_or_verify(key("v"), |_| async {
+                Ok::<_, TestError>(Verdict::Valid.into())
+            })
             .await;
         let _ = cache
-            .get_or_verify(key("g"), || async { Ok::<_, TestError>(Verdict::Gone) })
+            .get_or_verify(key("g"), |_| async {
+                Ok::<_, TestError>(Verdict::Gone.into())
+            })
             .await;
         assert_eq!(now(&cache, "v"), Some(Verdict::Valid));
         assert_eq!(now(&cache, "g"), Some(Verdict::Gone));
@@ -608,10 +666,78 @@ mod tests {
     async fn invalidate_forgets_a_token() {
         let cache = cache();
         let _ = cache
-            .get_or_verify(key("t"), || async { Ok::<_, TestError>(Verdict::Valid) })
+            .get_or_verify(key("t"), |_| async {
+                Ok::<_, TestError>(Verdict::Valid.into())
+            })
             .await;
         assert_eq!(now(&cache, "t"), Some(Verdict::Valid));
-        cache.invalidate(&key("t")).await;
+        cache.invalidate(&key("t"));
         assert_eq!(now(&cache, "t"), None);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_during_a_verification_leaves_no_verdict_behind() {
+        let cache = cache();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (entered, entered_rx) = tokio::sync::oneshot::channel::<()>();
+        let lookup = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_verify(key("raced"), |_| async move {
+                        let _ = entered.send(());
+                        let _ = released.await;
+                        Ok::<_, TestError>(Verdict::Valid.into())
+                    })
+                    .await
+            })
+        };
+        entered_rx.await.unwrap();
+        // The verification had the verdict before the invalidation (e.g. from the shared
+        // tier), and lands after it.
+        cache.invalidate(&key("raced"));
+        release.send(()).unwrap();
+        let (result, _) = lookup.await.unwrap();
+        assert_eq!(
+            result,
+            Ok(Verdict::Valid),
+            "this request still gets its answer"
+        );
+        assert_eq!(now(&cache, "raced"), None, "but the cache does not keep it");
+
+        // With no invalidation in between, it is kept.
+        let _ = cache
+            .get_or_verify(key("raced"), |_| async {
+                Ok::<_, TestError>(Verdict::Valid.into())
+            })
+            .await;
+        assert_eq!(now(&cache, "raced"), Some(Verdict::Valid));
+    }
+
+    #[tokio::test]
+    async fn a_verdict_learned_old_expires_when_its_source_does() {
+        let cache = cache();
+        // 60 s TTL; learned 59.9 s old: expired a tenth of a second from now.
+        let old = Learned {
+            verdict: Verdict::Valid,
+            age: Duration::from_millis(59_900),
+        };
+        let _ = cache
+            .get_or_verify(key("old"), |_| async move { Ok::<_, TestError>(old) })
+            .await;
+        assert_eq!(now(&cache, "old"), Some(Verdict::Valid));
+        // The entry's age is the clock's: wait until the source's TTL has run out.
+        let expired = Instant::now() + Duration::from_millis(100);
+        while now(&cache, "old").is_some() {
+            assert!(
+                Instant::now() < expired + Duration::from_secs(5),
+                "never expired"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            Instant::now() >= expired - Duration::from_millis(1),
+            "expired too soon"
+        );
     }
 }

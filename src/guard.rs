@@ -13,7 +13,7 @@ use std::sync::Arc;
 use http::Request;
 use tracing::Instrument;
 
-use crate::cache::{CacheResult, VerdictCache};
+use crate::cache::{CacheResult, Learned, VerdictCache};
 use crate::reject::Rejection;
 use crate::skip::SkipRules;
 use crate::telemetry::{self, Outcome};
@@ -118,7 +118,7 @@ impl Guard {
         let key = presented.hash();
         let (result, cache) = self
             .cache
-            .get_or_verify(key, || verification(&self.upstream, &presented))
+            .get_or_verify(key, |_| verification(&self.upstream, &presented))
             .await;
         let (result, cache) = match result {
             // Stale-if-error: only when the upstream could not answer, never on a verdict or
@@ -143,11 +143,11 @@ impl Guard {
 fn verification(
     upstream: &Arc<Upstream>,
     presented: &PresentedToken,
-) -> impl Future<Output = Result<Verdict, UpstreamError>> + Send + 'static {
+) -> impl Future<Output = Result<Learned, UpstreamError>> + Send + 'static {
     let upstream = upstream.clone();
     let token = presented.clone();
     // The call runs in its own task; carry the request's span into it.
-    async move { upstream.verify(&token).await }.in_current_span()
+    async move { upstream.verify(&token).await.map(Learned::from) }.in_current_span()
 }
 
 /// Turns the verdict (or the failure to get one) into forward-or-reject, and logs it with the

@@ -94,7 +94,7 @@ impl AccessTokenLayer {
     /// user logged out), so its next request is verified again. Affects every clone.
     pub async fn invalidate(&self, token: &str) {
         let key = self.guard.hasher.hash(token.as_bytes());
-        self.guard.cache.invalidate(&key).await;
+        self.guard.cache.invalidate(&key);
     }
 
     /// Forgets every cached verdict. Affects every clone.
