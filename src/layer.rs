@@ -98,7 +98,7 @@ impl AccessTokenLayer {
     }
 
     /// Forgets every cached verdict. Affects every clone.
-    pub fn invalidate_all(&self) {
+    pub async fn invalidate_all(&self) {
         self.guard.cache.invalidate_all();
     }
 

@@ -1,4 +1,8 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener: `GET /healthz`, `/readyz` and `/metrics`; `POST /invalidate` (the token
+//! in the `Conneqt-Instant-Access-Token` header) and `POST /invalidate-all`, which forget
+//! cached verdicts (every replica's, with the shared tier), answering `204`.
+//!
+//! Only operators may reach this listener: it binds to loopback unless told otherwise.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,8 +51,15 @@ impl<B> Service<Request<B>> for Admin {
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.method() == Method::POST {
+            return self.invalidate(&request);
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            let response = text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
+            let response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                PLAIN,
+                "GET, or POST to /invalidate and /invalidate-all\n".into(),
+            );
             return Box::pin(std::future::ready(Ok(response)));
         }
         let response = match request.uri().path() {
@@ -83,3 +94,45 @@ impl<B> Service<Request<B>> for Admin {
         Box::pin(std::future::ready(Ok(response)))
     }
 }
+
+impl Admin {
+    /// `POST /invalidate` and `POST /invalidate-all`. The token is read from its one header,
+    /// as the guard reads it; it is never echoed or logged.
+    fn invalidate<B>(&self, request: &Request<B>) -> <Self as Service<Request<B>>>::Future {
+        let guard = self.guard.clone();
+        let answer = |status, body: &str| text(status, PLAIN, body.to_owned());
+        match request.uri().path() {
+            "/invalidate-all" => Box::pin(async move {
+                guard.invalidate_all().await;
+                tracing::info!("admin: every cached verdict invalidated");
+                Ok(answer(StatusCode::NO_CONTENT, ""))
+            }),
+            "/invalidate" => {
+                let mut tokens = request.headers().get_all(TOKEN_HEADER).iter();
+                let token = match (tokens.next(), tokens.next()) {
+                    (Some(token), None) if !token.is_empty() => token.as_bytes().to_vec(),
+                    _ => {
+                        let response = answer(
+                            StatusCode::BAD_REQUEST,
+                            "send the token in one Conneqt-Instant-Access-Token header\n",
+                        );
+                        return Box::pin(std::future::ready(Ok(response)));
+                    }
+                };
+                Box::pin(async move {
+                    let token = String::from_utf8_lossy(&token);
+                    guard.invalidate(&token).await;
+                    tracing::info!("admin: a token's cached verdict invalidated");
+                    Ok(answer(StatusCode::NO_CONTENT, ""))
+                })
+            }
+            _ => Box::pin(std::future::ready(Ok(answer(
+                StatusCode::NOT_FOUND,
+                "not found; POST to /invalidate or /invalidate-all\n",
+            )))),
+        }
+    }
+}
+
+/// The token header, as the guard reads it.
+const TOKEN_HEADER: &str = "conneqt-instant-access-token";

@@ -216,7 +216,7 @@ async fn invalidate_makes_the_next_request_ask_the_upstream_again() {
     assert_eq!(h.get(Some(&token)).await.status(), 200);
     assert_eq!(h.simulator.verify_calls_for(&token), 2);
 
-    h.guard.invalidate_all();
+    h.guard.invalidate_all().await;
     h.simulator.revoke(&token);
     problem(h.get(Some(&token)).await, 410).await;
     assert_eq!(h.simulator.verify_calls_for(&token), 3);

@@ -328,6 +328,68 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     assert!(!metrics.contains(&token));
 }
 
+#[tokio::test]
+async fn admin_invalidate_and_invalidate_all_make_the_next_request_verified_again() {
+    let setup = start(&[]).await;
+    let (first, second) = (setup.sim.issue_token(), setup.sim.issue_token());
+    let get = |token: &str| {
+        client()
+            .get(setup.proxy.url("/"))
+            .header(TOKEN_HEADER, token)
+            .send()
+    };
+    let admin_post = |path: &str, token: Option<&str>| {
+        let request = client().post(setup.proxy.admin_url(path));
+        match token {
+            Some(token) => request.header(TOKEN_HEADER, token),
+            None => request,
+        }
+        .send()
+    };
+    for token in [&first, &second] {
+        assert_eq!(get(token).await.unwrap().status(), 200);
+        setup.sim.revoke(token);
+        assert_eq!(get(token).await.unwrap().status(), 200, "still cached");
+    }
+    assert_eq!(setup.sim.verify_calls(), 2);
+    assert_eq!(setup.backend.calls(), 4);
+
+    // A request without the token, or with it twice, changes nothing.
+    let missing = admin_post("/invalidate", None).await.unwrap();
+    assert_eq!(missing.status(), 400);
+    let twice = client()
+        .post(setup.proxy.admin_url("/invalidate"))
+        .header(TOKEN_HEADER, &first)
+        .header(TOKEN_HEADER, &first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 400);
+    assert!(!twice.text().await.unwrap().contains(&first));
+    assert_eq!(get(&first).await.unwrap().status(), 200, "still cached");
+
+    let one = admin_post("/invalidate", Some(&first)).await.unwrap();
+    assert_eq!(one.status(), 204);
+    assert_eq!(get(&first).await.unwrap().status(), 410, "verified again");
+    assert_eq!(
+        get(&second).await.unwrap().status(),
+        200,
+        "the other is still cached"
+    );
+    assert_eq!(setup.sim.verify_calls(), 3);
+
+    let all = admin_post("/invalidate-all", None).await.unwrap();
+    assert_eq!(all.status(), 204);
+    assert_eq!(get(&second).await.unwrap().status(), 410, "verified again");
+    assert_eq!(setup.sim.verify_calls(), 4);
+    assert_eq!(
+        setup.backend.calls(),
+        6,
+        "no revoked token reached the backend"
+    );
+    assert_eq!(admin_post("/elsewhere", None).await.unwrap().status(), 404);
+}
+
 /// A port that was free a moment ago: nothing listens there.
 async fn closed_port() -> std::net::SocketAddr {
     TcpListener::bind("127.0.0.1:0")
