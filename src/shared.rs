@@ -62,7 +62,8 @@
 //!
 //! One endpoint only (a standalone Redis or Valkey, or a managed one behind one address): no
 //! Cluster, no Sentinel. `redis://` and `rediss://` (TLS through rustls with the process's
-//! default crypto provider, ring in this workspace, and the platform's root certificates).
+//! default crypto provider, installing ring as that default when the application set none,
+//! and the platform's root certificates, `SSL_CERT_FILE` honoured).
 //! Commands and pub/sub share one RESP3 connection (redis-rs's `ConnectionManager`, which
 //! reconnects and, with automatic resubscription, subscribes again on the new connection).
 
@@ -90,7 +91,7 @@ pub(crate) const RECOVERY: Duration = Duration::from_millis(250);
 /// The least time [`SharedVerdicts::check`] gives a first connection (TLS, AUTH) at start-up.
 const CHECK_AT_LEAST: Duration = Duration::from_secs(2);
 /// How long [`SharedVerdicts::wait_for`] sleeps between polls, at most.
-const POLL_AT_MOST: Duration = Duration::from_millis(8);
+const POLL_AT_MOST: Duration = Duration::from_millis(4);
 /// Keys per `SCAN` round trip in [`SharedVerdicts::invalidate_all`].
 const SCAN_BATCH: usize = 1000;
 
@@ -302,6 +303,9 @@ impl SharedVerdicts {
             lease,
         } = settings;
         let info = parse_url(&url)?;
+        if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            ensure_crypto_provider();
+        }
         let client = redis::Client::open(info)
             .map_err(|_| "could not be used to set up a Redis client".to_owned())?;
         let prefix = format!("conneqt-guard:{namespace}:");
@@ -442,7 +446,8 @@ impl SharedVerdicts {
 
     /// Waits for the verdict of the replica that holds the lease: polls (verdict, its TTL and
     /// whether the lease still stands, one round trip each) with a backoff from 1 ms up to
-    /// 8 ms. `Ok(None)` when the lease is gone without a verdict (the winner gave up) or at
+    /// 4 ms, so a waiter sees the verdict at most about 4 ms after the winner stored it (at
+    /// most 250 round trips a second per waiting replica and token). `Ok(None)` when the lease is gone without a verdict (the winner gave up) or at
     /// `deadline`; then verify yourself. Returns by `deadline` (plus at most one `timeout`).
     pub(crate) async fn wait_for(
         &self,
@@ -730,6 +735,19 @@ fn read_verdict(value: Option<&[u8]>, ttl_ms: i64) -> Option<(SharedVerdict, Dur
     Some((verdict, Duration::from_millis(ttl_ms)))
 }
 
+/// redis-rs 1.8 builds its rustls configuration from the process's default crypto provider
+/// (`ClientConfig::builder()`, which panics when there is none and it cannot pick one) and
+/// takes no configuration of ours. So for `rediss://`, when the application has installed no
+/// default, ring (the provider this crate uses for the upstream) is installed as the default;
+/// a default the application installed before is kept. Unlike the upstream's TLS (see
+/// `upstream/tls.rs`), this is process-wide, and only happens when `rediss://` is configured.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: a default exists either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// Sorts a failed start-up check. Never quotes the URL: only the error's code and kind.
 fn classify(error: &redis::RedisError) -> SharedProblem {
     let code = error.code().unwrap_or_default().to_owned();
@@ -750,6 +768,10 @@ fn classify(error: &redis::RedisError) -> SharedProblem {
         SharedProblem::Unreachable("timed out".into())
     } else if error.is_connection_refusal() {
         SharedProblem::Unreachable("connection refused".into())
+    } else if error.is_io_error() {
+        // An I/O error's text is the operating system's or rustls's (refused, unknown host,
+        // certificate); redis-rs adds no URL to it.
+        SharedProblem::Unreachable(error.to_string())
     } else {
         SharedProblem::Unreachable(format!("{:?}", error.kind()))
     }

@@ -568,3 +568,62 @@ async fn l2_get_round_trip_on_loopback() {
     eprintln!("L2 get round trip on loopback: p50 {p50:?}, p99 {p99:?}");
     assert!(p50 < Duration::from_millis(5), "{p50:?}");
 }
+
+/// `rediss://` goes through rustls with ring (no aws-lc in this workspace): against a TLS
+/// redis-server whose self-signed certificate no root vouches for, the handshake runs and is
+/// refused, and the check says "unreachable", not a panic and not "refused credentials".
+#[tokio::test]
+async fn rediss_speaks_tls_through_rustls_and_an_untrusted_certificate_is_unreachable() {
+    let Some(openssl) = super::system::program("openssl", "openssl") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("conneqt-guard-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success(), "openssl req");
+    let Some((_redis, tls_port)) = RedisServer::start_with_tls(&cert, &key) else {
+        return;
+    };
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok(),
+        "the TLS port listens"
+    );
+    let tier = Replica::lazy(&format!("rediss://:sekrit@localhost:{tls_port}"), b"k");
+    let problem = tier.tier.check().await.unwrap_err();
+    assert!(
+        matches!(problem, SharedProblem::Unreachable(_)),
+        "{problem:?}"
+    );
+    eprintln!("rediss:// with an untrusted certificate: {problem}");
+    assert!(
+        format!("{problem}").contains("certificate"),
+        "the TLS handshake ran: {problem}"
+    );
+    assert!(!format!("{problem}").contains("sekrit"));
+    assert!(
+        rustls::crypto::CryptoProvider::get_default().is_some(),
+        "a default provider is in place"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

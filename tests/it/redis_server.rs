@@ -23,21 +23,40 @@ pub struct RedisServer {
     program: PathBuf,
     port: u16,
     password: Option<String>,
+    /// More arguments for `redis-server` (e.g. TLS).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// A fresh server with no password, or `None` (skipped) when `redis-server` is missing.
     pub fn start() -> Option<Self> {
-        Self::launch(None)
+        Self::launch(None, Vec::new())
+    }
+
+    /// A fresh server that also speaks TLS on a port of its own (returned), with this
+    /// certificate and key (PEM files); clients are not asked for certificates.
+    pub fn start_with_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<(Self, u16)> {
+        let tls_port = free_port();
+        let extra = vec![
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        Some((Self::launch(None, extra)?, tls_port))
     }
 
     /// A fresh server that requires `password` (`requirepass`).
     pub fn start_with_password(password: &str) -> Option<Self> {
-        Self::launch(Some(password))
+        Self::launch(Some(password), Vec::new())
     }
 
-    fn launch(password: Option<&str>) -> Option<Self> {
+    fn launch(password: Option<&str>, extra: Vec<String>) -> Option<Self> {
         let program = super::system::program("redis-server", "redis-server")?;
         let mut last_problem = String::new();
         // A port picked free can be taken before the server binds it: try a few.
@@ -47,6 +66,7 @@ impl RedisServer {
                 program: program.clone(),
                 port,
                 password: password.map(str::to_owned),
+                extra: extra.clone(),
                 child: None,
             };
             match server.spawn_and_wait() {
@@ -158,6 +178,7 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        command.args(&self.extra);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
