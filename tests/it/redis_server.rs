@@ -31,7 +31,7 @@ pub struct RedisServer {
 impl RedisServer {
     /// A fresh server with no password, or `None` (skipped) when `redis-server` is missing.
     pub fn start() -> Option<Self> {
-        Self::launch(None, Vec::new())
+        Self::launch(None, &[])
     }
 
     /// A fresh server that also speaks TLS on a port of its own (returned), with this
@@ -48,15 +48,15 @@ impl RedisServer {
             "--tls-auth-clients".to_owned(),
             "no".to_owned(),
         ];
-        Some((Self::launch(None, extra)?, tls_port))
+        Some((Self::launch(None, &extra)?, tls_port))
     }
 
     /// A fresh server that requires `password` (`requirepass`).
     pub fn start_with_password(password: &str) -> Option<Self> {
-        Self::launch(Some(password), Vec::new())
+        Self::launch(Some(password), &[])
     }
 
-    fn launch(password: Option<&str>, extra: Vec<String>) -> Option<Self> {
+    fn launch(password: Option<&str>, extra: &[String]) -> Option<Self> {
         let program = super::system::program("redis-server", "redis-server")?;
         let mut last_problem = String::new();
         // A port picked free can be taken before the server binds it: try a few.
@@ -66,7 +66,7 @@ impl RedisServer {
                 program: program.clone(),
                 port,
                 password: password.map(str::to_owned),
-                extra: extra.clone(),
+                extra: extra.to_vec(),
                 child: None,
             };
             match server.spawn_and_wait() {
