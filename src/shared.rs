@@ -138,6 +138,11 @@ fn parse_url(raw: &str) -> Result<redis::ConnectionInfo, String> {
         "is not a valid redis:// or rediss:// URL (host, port, database number)".to_owned()
     })?;
     match info.addr() {
+        ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(
+                "must not ask for `#insecure`: the server's certificate is always checked".into(),
+            );
+        }
         ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } if !host.is_empty() => {}
         _ => return Err("must name a host (e.g. redis://redis.internal:6379)".into()),
     }

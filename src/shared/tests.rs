@@ -520,12 +520,16 @@ fn urls_are_checked_without_quoting_them() {
         "http://user:sekrit@redis.internal",
         "redis.internal:6379",
         "unix:///run/redis.sock",
+        "rediss://:sekrit@redis.internal:6380/#insecure",
         "redis://:sekrit@redis.internal/notanumber",
         "",
     ] {
         let problem = check_url(bad).unwrap_err();
         assert!(!problem.contains("sekrit"), "{problem}");
-        assert!(problem.contains("redis://"), "{bad:?}: {problem}");
+        assert!(
+            problem.contains("redis://") || problem.contains("#insecure"),
+            "{bad:?}: {problem}"
+        );
     }
     let settings = SharedSettings {
         url: "redis://:sekrit@redis.internal".into(),
