@@ -8,7 +8,8 @@
 //! # The cache key
 //!
 //! The cache is keyed on a [`TokenHash`]: a 128-bit keyed hash of the token under a secret
-//! drawn at random once per process, so the raw token is never a cache key and a memory dump
+//! drawn at random once per process (or, for a verdict tier shared by replicas, derived from
+//! their cluster key: [`TokenHasher::from_cluster_key`]), so the raw token is never a cache key and a memory dump
 //! cannot be matched against a list of tokens. 128 bits is enough to treat equal keys as
 //! equal tokens (two of a million tokens collide with a chance of about 2^-88, and the key is
 //! secret, so collisions cannot be sought either).
@@ -314,7 +315,9 @@ impl fmt::Debug for TokenHash {
 /// It is the first 32 bits of the token's keyed hash, printed as 8 hex digits. The hash key is
 /// drawn at random once per process, so a fingerprint identifies a token within one process
 /// (enough to follow one client through the logs) but cannot be computed from the token by
-/// anyone else, nor compared across restarts or replicas.
+/// anyone else, nor compared across restarts or replicas. (With a verdict tier shared by
+/// replicas, the key is derived from the cluster key instead: then fingerprints agree across
+/// the replicas and restarts of one cluster, and still cannot be computed without its key.)
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(u32);
 
