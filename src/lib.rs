@@ -97,7 +97,9 @@
 //!
 //! # Crates
 //!
-//! This crate has no cargo features and pulls only what the layer needs. The rest of the
+//! By default this crate pulls only what the layer needs. Its one cargo feature, `redis`
+//! (off by default; on in the sidecar), adds the building block of a verdict tier shared by
+//! replicas through one Redis (redis-rs; single endpoint, no Cluster or Sentinel). The rest of the
 //! workspace lives beside it: the `conneqt-guard` sidecar binary (crate
 //! `conneqt-guard-sidecar`, `cargo install --path sidecar`) and the Conneqt simulator the tests,
 //! examples and benches run against (crate `conneqt-guard-simulator`).
@@ -116,6 +118,8 @@ mod token;
 mod cache;
 mod upstream;
 mod verdict;
+#[cfg(feature = "redis")]
+mod shared;
 mod reject;
 // What operators see of it.
 mod telemetry;

@@ -9,6 +9,8 @@
 //! | `conneqt_guard_upstream_latency_seconds` | histogram | `status`, as above |
 //! | `conneqt_guard_upstream_in_flight` | gauge | |
 //! | `conneqt_guard_circuit_state` | gauge | 0 closed, 1 open, 2 half-open |
+//! | `conneqt_guard_shared_tier_up` | gauge | 1 verdicts shared through Redis, 0 local only (feature `redis`, when configured) |
+//! | `conneqt_guard_shared_tier_errors_total` | counter | `op`: `get`, `put`, `lease`, `release`, `wait_for`, `invalidate`, `invalidate_all`, `heartbeat`, `connection` |
 
 use std::sync::Once;
 use std::time::Duration;
@@ -25,6 +27,10 @@ pub(crate) const UPSTREAM_CALLS: &str = "conneqt_guard_upstream_calls_total";
 pub(crate) const UPSTREAM_LATENCY: &str = "conneqt_guard_upstream_latency_seconds";
 pub(crate) const UPSTREAM_IN_FLIGHT: &str = "conneqt_guard_upstream_in_flight";
 pub(crate) const CIRCUIT_STATE: &str = "conneqt_guard_circuit_state";
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) const SHARED_TIER_UP: &str = "conneqt_guard_shared_tier_up";
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) const SHARED_TIER_ERRORS: &str = "conneqt_guard_shared_tier_errors_total";
 
 /// Gives each metric its description and unit, once per process (when a layer is built).
 pub(crate) fn describe() {
@@ -45,6 +51,14 @@ pub(crate) fn describe() {
         metrics::describe_gauge!(
             CIRCUIT_STATE,
             "Upstream circuit breaker: 0 closed, 1 open, 2 half-open"
+        );
+        metrics::describe_gauge!(
+            SHARED_TIER_UP,
+            "Shared verdict tier: 1 verdicts shared through Redis, 0 local only"
+        );
+        metrics::describe_counter!(
+            SHARED_TIER_ERRORS,
+            "Shared verdict tier: failed or timed-out Redis operations, by operation"
         );
     });
 }

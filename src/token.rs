@@ -8,7 +8,8 @@
 //! # The cache key
 //!
 //! The cache is keyed on a [`TokenHash`]: a 128-bit keyed hash of the token under a secret
-//! drawn at random once per process, so the raw token is never a cache key and a memory dump
+//! drawn at random once per process (or, for a verdict tier shared by replicas, derived from
+//! their cluster key: [`TokenHasher::from_cluster_key`]), so the raw token is never a cache key and a memory dump
 //! cannot be matched against a list of tokens. 128 bits is enough to treat equal keys as
 //! equal tokens (two of a million tokens collide with a chance of about 2^-88, and the key is
 //! secret, so collisions cannot be sought either).
@@ -285,6 +286,22 @@ impl TokenHash {
     pub(crate) fn shard_bits(&self) -> u64 {
         self.0[1]
     }
+
+    /// The hash as 32 lowercase hex digits (what the shared tier's keys and messages carry).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn to_hex(self) -> String {
+        format!("{:016x}{:016x}", self.0[0], self.0[1])
+    }
+
+    /// The hash [`to_hex`](Self::to_hex) wrote: exactly 32 lowercase hex digits, else `None`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let word = |part: &str| u64::from_str_radix(part, 16).ok();
+        Some(Self([word(&hex[..16])?, word(&hex[16..])?]))
+    }
 }
 
 impl fmt::Debug for TokenHash {
@@ -298,7 +315,9 @@ impl fmt::Debug for TokenHash {
 /// It is the first 32 bits of the token's keyed hash, printed as 8 hex digits. The hash key is
 /// drawn at random once per process, so a fingerprint identifies a token within one process
 /// (enough to follow one client through the logs) but cannot be computed from the token by
-/// anyone else, nor compared across restarts or replicas.
+/// anyone else, nor compared across restarts or replicas. (With a verdict tier shared by
+/// replicas, the key is derived from the cluster key instead: then fingerprints agree across
+/// the replicas and restarts of one cluster, and still cannot be computed without its key.)
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(u32);
 
@@ -314,44 +333,71 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
-/// Hashes tokens with the process's secret keys.
+/// Hashes tokens with the process's secret keys, or with keys derived from a secret shared
+/// by a cluster of replicas ([`from_cluster_key`](Self::from_cluster_key)).
+///
+/// The keys are held inline (48 bytes, `Copy`): the hasher lives in the layer's shared state,
+/// so a hash reads its key from there, with no pointer to follow to a static.
 #[derive(Clone, Copy)]
 pub(crate) struct TokenHasher {
-    keys: &'static ProcessKeys,
+    keys: HashKeys,
 }
 
-/// The process's secret: the BLAKE3 key drawn from the operating system, and the SipHash key
-/// derived from it (so the two functions never share key material).
-struct ProcessKeys {
+/// A BLAKE3 key and a SipHash key (independent, so the two functions never share key material).
+#[derive(Clone, Copy)]
+struct HashKeys {
     blake3: [u8; 32],
     sip: [u64; 2],
 }
 
-static PROCESS_KEYS: OnceLock<ProcessKeys> = OnceLock::new();
+impl HashKeys {
+    /// The SipHash key derived from `secret` under `context`.
+    fn sip_from(context: &str, secret: &[u8]) -> [u64; 2] {
+        let derived = blake3::derive_key(context, secret);
+        let word = |i: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&derived[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        [word(0), word(1)]
+    }
+}
+
+static PROCESS_KEYS: OnceLock<HashKeys> = OnceLock::new();
 
 impl TokenHasher {
     /// The hasher with this process's keys, drawing the 256-bit secret from the operating
     /// system's random source the first time.
     pub(crate) fn for_process() -> Result<Self, getrandom::Error> {
         if let Some(keys) = PROCESS_KEYS.get() {
-            return Ok(Self { keys });
+            return Ok(Self { keys: *keys });
         }
         let mut fresh = [0u8; 32];
         getrandom::fill(&mut fresh)?;
-        let derived = blake3::derive_key("conneqt-guard 2025 token siphash key", &fresh);
-        let word = |i: usize| {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&derived[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(bytes)
-        };
-        let keys = ProcessKeys {
+        let keys = HashKeys {
             blake3: fresh,
-            sip: [word(0), word(1)],
+            sip: HashKeys::sip_from("conneqt-guard 2025 token siphash key", &fresh),
         };
         // If another thread won the race, its keys are used and ours are dropped.
         Ok(Self {
-            keys: PROCESS_KEYS.get_or_init(|| keys),
+            keys: *PROCESS_KEYS.get_or_init(|| keys),
         })
+    }
+
+    /// The hasher every replica holding `secret` (the cluster key) computes alike, so that
+    /// replicas sharing verdicts agree on a token's [`TokenHash`] and can name it to each
+    /// other. Both keys are derived from `secret` with BLAKE3's `derive_key` under contexts of
+    /// their own (and apart from the process hasher's), so a hash is still a keyed PRF: a dump
+    /// of the shared tier cannot be matched against a list of tokens without the secret.
+    // Called by the request path once the shared tier is wired in (issue 11); tests use it now.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn from_cluster_key(secret: &[u8]) -> Self {
+        Self {
+            keys: HashKeys {
+                blake3: blake3::derive_key("conneqt-guard 2026 cluster token blake3 key", secret),
+                sip: HashKeys::sip_from("conneqt-guard 2026 cluster token siphash key", secret),
+            },
+        }
     }
 
     /// The key of any token, well-formed or not (as [`AccessTokenLayer::invalidate`]
@@ -728,5 +774,54 @@ mod tests {
         let shown = format!("{presented:?} {hasher:?}");
         assert!(!shown.contains(GOOD), "{shown}");
         assert!(shown.contains(&presented.hash().fingerprint().to_string()));
+    }
+
+    #[test]
+    fn cluster_hashers_agree_on_one_secret_and_differ_across_secrets() {
+        let opaque = b"not-a-uuid-token";
+        let one = TokenHasher::from_cluster_key(b"cluster secret one");
+        let again = TokenHasher::from_cluster_key(b"cluster secret one");
+        let other = TokenHasher::from_cluster_key(b"cluster secret two");
+        for token in [GOOD.as_bytes(), opaque] {
+            assert!(
+                one.hash(token) == again.hash(token),
+                "same secret, same key"
+            );
+            assert!(
+                one.hash(token) != other.hash(token),
+                "other secret, other key"
+            );
+        }
+        // The process hasher is unchanged: stable within the process, apart from any cluster.
+        let process = TokenHasher::for_process().unwrap();
+        assert!(
+            process.hash(GOOD.as_bytes())
+                == TokenHasher::for_process().unwrap().hash(GOOD.as_bytes())
+        );
+        assert!(process.hash(GOOD.as_bytes()) != one.hash(GOOD.as_bytes()));
+    }
+
+    #[test]
+    fn token_hashes_round_trip_through_32_lowercase_hex_digits() {
+        let hash = TokenHasher::from_cluster_key(b"k").hash(GOOD.as_bytes());
+        let hex = hash.to_hex();
+        assert_eq!(hex.len(), 32);
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{hex}"
+        );
+        assert!(TokenHash::from_hex(&hex) == Some(hash));
+        for bad in [
+            "",
+            "*",
+            "0123456789ABCDEF0123456789abcdef",
+            &hex[..31],
+            &format!("{hex}0"),
+            &format!("+{}", &hex[1..]),
+            &format!("g{}", &hex[1..]),
+        ] {
+            assert!(TokenHash::from_hex(bad).is_none(), "{bad:?}");
+        }
     }
 }

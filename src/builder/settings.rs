@@ -33,6 +33,10 @@ pub(crate) struct Settings {
     pub(crate) circuit_breaker_cool_down: Duration,
     pub(crate) skip_path_prefixes: Vec<String>,
     pub(crate) strip_token_header: bool,
+    pub(crate) redis_url: Option<String>,
+    pub(crate) cluster_key: Option<String>,
+    pub(crate) redis_timeout: Duration,
+    pub(crate) redis_lease: Duration,
 }
 
 impl Settings {
@@ -331,7 +335,83 @@ pub(crate) const ROWS: &[Row] = &[
         doc: "how long an open circuit fails fast before one probe is let through",
         slot: |s| Slot::Duration(&mut s.circuit_breaker_cool_down),
     },
+    Row {
+        name: "redis_url",
+        variable: "CONNEQT_REDIS_URL",
+        kind: Kind::Text {
+            check: check_redis_url,
+            secret: true,
+            required: None,
+        },
+        initial: Initial::Unset("none (each replica caches alone)"),
+        doc: "share verdicts and revocations with other replicas through this Redis: `redis://` or `rediss://`, user and password in the URL, one endpoint (no Cluster or Sentinel); never printed",
+        slot: |s| Slot::Text(&mut s.redis_url),
+    },
+    Row {
+        name: "cluster_key",
+        variable: "CONNEQT_CLUSTER_KEY",
+        kind: Kind::Text {
+            check: check_cluster_key,
+            secret: true,
+            required: None,
+        },
+        initial: Initial::Unset("derived from `api_key` and `base_url`"),
+        doc: "the secret all replicas share, which keys the token hashes in Redis and names their namespace; never printed",
+        slot: |s| Slot::Text(&mut s.cluster_key),
+    },
+    Row {
+        name: "redis_timeout",
+        variable: "CONNEQT_REDIS_TIMEOUT",
+        kind: Kind::Duration {
+            min: MS,
+            max: Duration::from_secs(10),
+        },
+        initial: Initial::Value("50ms"),
+        doc: "the deadline of one Redis round trip; past it the replica verifies locally until Redis answers again",
+        slot: |s| Slot::Duration(&mut s.redis_timeout),
+    },
+    Row {
+        name: "redis_lease",
+        variable: "CONNEQT_REDIS_LEASE",
+        kind: Kind::Duration {
+            min: MS,
+            max: Duration::from_secs(5 * 60),
+        },
+        initial: Initial::Value("2s"),
+        doc: "how long one replica may verify a token while the others wait for its verdict (about `upstream_timeout`)",
+        slot: |s| Slot::Duration(&mut s.redis_lease),
+    },
 ];
+
+/// `redis_url`: a URL the shared tier can use; needs the `redis` feature. Never quotes it.
+fn check_redis_url(raw: &str) -> Result<(), String> {
+    #[cfg(feature = "redis")]
+    {
+        crate::shared::check_url(raw)
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        let _ = raw;
+        Err(
+            "needs conneqt-guard's `redis` cargo feature (this build has no shared tier)"
+                .to_owned(),
+        )
+    }
+}
+
+/// `cluster_key`: never quoted.
+fn check_cluster_key(key: &str) -> Result<(), String> {
+    if key.len() < 16 {
+        return Err(
+            "is shorter than 16 bytes (use a long random secret, the same on every replica)"
+                .to_owned(),
+        );
+    }
+    if key.trim() != key {
+        return Err("has leading or trailing whitespace (a copy-paste mistake?)".to_owned());
+    }
+    Ok(())
+}
 
 impl Row {
     /// Reads `raw` in the grammar of the row's kind (no range check: see [`check`](Self::check)).
@@ -585,9 +665,44 @@ mod tests {
         let mut settings = Settings::with_defaults();
         settings.api_key = Some("sekrit-key".to_owned());
         settings.upstream_proxy = Some("http://user:sekrit@proxy".to_owned());
+        settings.redis_url = Some("redis://user:sekrit@redis.internal".to_owned());
+        settings.cluster_key = Some("sekrit-cluster-key-of-some-length".to_owned());
         let shown = format!("{settings:?}");
         assert!(!shown.contains("sekrit"), "{shown}");
         assert!(shown.contains("api_key: <redacted>"), "{shown}");
+        assert!(shown.contains("redis_url: <redacted>"), "{shown}");
+        assert!(shown.contains("cluster_key: <redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn redis_settings_problems_never_quote_the_value() {
+        let row = |name: &str| ROWS.iter().find(|row| row.name == name).unwrap();
+        for raw in [
+            "http://user:sekrit@redis.internal",
+            "redis://:sekrit@host/notadb",
+            "sekrit",
+        ] {
+            let problem = row("redis_url").parse_checked(raw).unwrap_err();
+            assert!(!problem.contains("sekrit"), "{problem}");
+        }
+        let problem = row("cluster_key").parse_checked("sekrit").unwrap_err();
+        assert!(!problem.contains("sekrit"), "{problem}");
+        let url = row("redis_url").parse_checked("redis://:sekrit@redis.internal:6379");
+        if cfg!(feature = "redis") {
+            assert!(url.is_ok());
+        } else {
+            let problem = url.unwrap_err();
+            assert!(problem.contains("`redis` cargo feature") && !problem.contains("sekrit"));
+        }
+        assert!(
+            row("cluster_key")
+                .parse_checked("a-long-enough-cluster-secret")
+                .is_ok()
+        );
+        let settings = Settings::with_defaults();
+        assert_eq!(settings.redis_timeout, Duration::from_millis(50));
+        assert_eq!(settings.redis_lease, settings.upstream_timeout);
+        assert!(settings.redis_url.is_none() && settings.cluster_key.is_none());
     }
 
     /// The first backticked word of each cell of the table rows (`| ... |`) after `heading`,

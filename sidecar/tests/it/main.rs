@@ -9,6 +9,7 @@ mod support;
 mod behaviour;
 
 mod sidecar;
+#[path = "../../../tests/it/system.rs"]
 mod system;
 mod wire;
 

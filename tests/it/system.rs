@@ -1,5 +1,7 @@
-//! Programs from the machine (nginx, Caddy) that some tests run the shipped proxy configs
-//! behind. A test whose program is missing skips with one line on stderr saying what to
+//! Programs from the machine that some tests need: nginx and Caddy (the sidecar's tests run
+//! the shipped proxy configs behind them), `redis-server` (the shared verdict tier's tests).
+//! Shared by the library's and the sidecar's tests with `#[path]`. A test whose program is
+//! missing skips with one line on stderr saying what to
 //! install, unless `CONNEQT_REQUIRE_SYSTEM_TESTS=1` (CI sets it), which turns the skip into a
 //! failure.
 
@@ -23,8 +25,8 @@ fn program_or_skip(name: &str, apt_package: &str, required: bool) -> Option<Path
         return Some(found);
     }
     let message = format!(
-        "skipped: `{name}` is not installed (this test runs the shipped config behind a real \
-         {name}); install it with `apt-get install -y {apt_package}`"
+        "skipped: `{name}` is not installed (this test runs against a real {name}); \
+         install it with `apt-get install -y {apt_package}`"
     );
     if required {
         panic!("{message} ({REQUIRE_ENV}=1, so a missing program is a failure)");
