@@ -18,6 +18,7 @@
 //! |---|---|---|
 //! | `conneqt-guard:{ns}:v:{hex}` | `v` (valid) or `g` (gone) | the verdict's TTL (`cache_ttl` / `gone_ttl`) |
 //! | `conneqt-guard:{ns}:l:{hex}` | `1`: one replica is verifying this token | `lease` |
+//! | `conneqt-guard:{ns}:t:{hex}`, `conneqt-guard:{ns}:t:*` | `1`: this token (every token) was just invalidated | `lease` |
 //!
 //! and the channel `conneqt-guard:{ns}:invalidate` carries the 32 hex digits of a hash to
 //! evict, or `*` for everything.
@@ -276,11 +277,15 @@ struct State {
     wake: Notify,
 }
 
-/// `KEYS[1]` the verdict, `KEYS[2]` the lease; `ARGV[1]` `v` or `g`, `ARGV[2]` the TTL in ms,
-/// `ARGV[3]` the channel, `ARGV[4]` the hash. A valid verdict never replaces a gone one; a gone
-/// one is announced in the same step. Either way the lease is released. 1 when stored.
+/// `KEYS[1]` the verdict, `KEYS[2]` the lease, `KEYS[3]` and `KEYS[4]` the token's and the
+/// namespace's invalidation marks; `ARGV[1]` `v` or `g`, `ARGV[2]` the TTL in ms, `ARGV[3]` the
+/// channel, `ARGV[4]` the hash. A valid verdict never replaces a gone one, and is not stored
+/// while an invalidation mark stands (it may come from a verification that began before the
+/// invalidation: a logout must not be undone by a slow replica); a gone one is announced in
+/// the same step. Either way the lease is released. 1 when stored.
 const PUT: &str = r"
-if ARGV[1] == 'v' and redis.call('GET', KEYS[1]) == 'g' then
+if ARGV[1] == 'v' and (redis.call('GET', KEYS[1]) == 'g'
+    or redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1) then
   redis.call('DEL', KEYS[2])
   return 0
 end
@@ -397,12 +402,15 @@ impl SharedVerdicts {
         let inner = Arc::clone(&self.inner);
         let (verdict_key, lease_key, hex) =
             (inner.key("v", key), inner.key("l", key), key.to_hex());
+        let (mark, mark_all) = (inner.key("t", key), inner.mark_all());
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         self.run("put", move |mut connection| async move {
             inner
                 .put_script
                 .key(verdict_key)
                 .key(lease_key)
+                .key(mark)
+                .key(mark_all)
                 .arg(verdict.code())
                 .arg(ttl_ms)
                 .arg(&inner.state.channel)
@@ -418,9 +426,7 @@ impl SharedVerdicts {
     /// it, `false` when another replica already is (then [`wait_for`](Self::wait_for)).
     pub(crate) async fn lease(&self, key: &TokenHash) -> Result<bool, Unavailable> {
         let lease_key = self.inner.key("l", key);
-        let lease_ms = u64::try_from(self.inner.lease.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let lease_ms = self.inner.lease_ms();
         self.run("lease", move |mut connection| async move {
             redis::cmd("SET")
                 .arg(&lease_key)
@@ -485,13 +491,23 @@ impl SharedVerdicts {
         }
     }
 
-    /// Forgets the token's verdict in Redis and tells every replica (this one too) to evict it.
+    /// Forgets the token's verdict in Redis, marks it invalidated for one `lease` (so a valid
+    /// verdict from a verification already under way is not stored), and tells every replica
+    /// (this one too) to evict it.
     pub(crate) async fn invalidate(&self, key: &TokenHash) -> Result<(), Unavailable> {
-        let verdict_key = self.inner.key("v", key);
+        let (verdict_key, mark) = (self.inner.key("v", key), self.inner.key("t", key));
+        let lease_ms = self.inner.lease_ms();
         let channel = self.inner.state.channel.clone();
         let hex = key.to_hex();
         self.run("invalidate", move |mut connection| async move {
             redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(&mark)
+                .arg(1)
+                .arg("PX")
+                .arg(lease_ms)
+                .ignore()
                 .del(&verdict_key)
                 .ignore()
                 .publish(&channel, hex)
@@ -507,6 +523,19 @@ impl SharedVerdicts {
     /// operator's action), so it takes as many round trips as the namespace needs; a replica
     /// that refills its L1 from a verdict not yet unlinked is cleared by the final message.
     pub(crate) async fn invalidate_all(&self) -> Result<(), Unavailable> {
+        // First the mark, so no valid verdict under way is stored behind the scan.
+        let mark_all = self.inner.mark_all();
+        let lease_ms = self.inner.lease_ms();
+        self.run("invalidate_all", move |mut connection| async move {
+            redis::cmd("SET")
+                .arg(&mark_all)
+                .arg(1)
+                .arg("PX")
+                .arg(lease_ms)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await?;
         let pattern = format!("{}v:*", self.inner.prefix);
         let mut cursor = 0u64;
         loop {
@@ -623,6 +652,17 @@ impl fmt::Debug for SharedVerdicts {
 impl Inner {
     fn key(&self, kind: &str, hash: &TokenHash) -> String {
         format!("{}{kind}:{}", self.prefix, hash.to_hex())
+    }
+
+    /// The namespace's invalidation mark, set by `invalidate_all`.
+    fn mark_all(&self) -> String {
+        format!("{}t:*", self.prefix)
+    }
+
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     /// One heartbeat: subscribe if the subscription is not confirmed, then PING; true when

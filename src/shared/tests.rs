@@ -653,3 +653,64 @@ async fn rediss_speaks_tls_through_rustls_and_an_untrusted_certificate_is_unreac
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_valid_verdict_under_way_during_an_invalidation_is_not_stored() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = Replica::up(&redis.url(), b"cluster-key").await;
+    let b = Replica::up(&redis.url(), b"cluster-key").await;
+    let key = hash(TOKEN);
+    // B took the lease and asked the upstream; meanwhile the user logged out on A.
+    assert!(b.tier.lease(&key).await.unwrap());
+    a.tier.invalidate(&key).await.unwrap();
+    b.tier
+        .put(&key, SharedVerdict::Valid, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(a.tier.get(&key).await, Ok(None), "the logout stands");
+    assert!(
+        a.tier.lease(&key).await.unwrap(),
+        "and the lease was released"
+    );
+    // A gone verdict is stored whatever the mark.
+    a.tier
+        .put(&key, SharedVerdict::Gone, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.tier.get(&key).await.unwrap().unwrap().0,
+        SharedVerdict::Gone
+    );
+
+    // The same after invalidate_all, for every token.
+    let other_key = other(7);
+    a.tier.invalidate_all().await.unwrap();
+    b.tier
+        .put(&other_key, SharedVerdict::Valid, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(a.tier.get(&other_key).await, Ok(None));
+
+    // Once the mark has lapsed (one lease, 300 ms here), valid verdicts are shared again.
+    let lapsed = std::time::Instant::now() + Duration::from_millis(300);
+    loop {
+        b.tier
+            .put(&other_key, SharedVerdict::Valid, Duration::from_secs(30))
+            .await
+            .unwrap();
+        if a.tier.get(&other_key).await.unwrap().is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < lapsed + Duration::from_secs(5),
+            "the mark never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        std::time::Instant::now() >= lapsed,
+        "the mark lapsed too soon"
+    );
+}
