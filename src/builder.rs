@@ -210,6 +210,49 @@ impl AccessTokenLayerBuilder {
         self
     }
 
+    /// Shares verdicts and revocations with the other replicas through this Redis (the
+    /// shared tier; needs this crate's `redis` cargo feature, else `build()` says so):
+    /// `redis://[user:password@]host[:port][/db]` or `rediss://` for TLS. One endpoint (a
+    /// standalone Redis or Valkey, or a managed one behind one address). Never printed or
+    /// logged. Unset by default: each replica caches alone.
+    ///
+    /// A cache hit never touches Redis. A miss reads Redis once; a miss there lets one replica
+    /// ask Conneqt while the others wait for its verdict; `invalidate`, `invalidate_all` and
+    /// a `410` reach every replica within milliseconds. When Redis is down or slow the replica
+    /// verifies on its own (never passing a request on Redis's word alone). See the README's
+    /// "Running several replicas".
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.settings.redis_url = Some(url.into());
+        self
+    }
+
+    /// The secret every replica of one deployment shares: it keys the token hashes stored in
+    /// Redis (so a dump of Redis cannot be matched against tokens) and names their namespace
+    /// (so two environments on one Redis never share verdicts). Never printed or logged. By
+    /// default derived from `api_key` and `base_url`, which the replicas of one deployment
+    /// share; set it when they differ, or to keep the API key out of the derivation.
+    pub fn cluster_key(mut self, key: impl Into<String>) -> Self {
+        self.settings.cluster_key = Some(key.into());
+        self
+    }
+
+    /// The deadline of one Redis round trip; past it (or on any Redis error) the replica
+    /// verifies on its own until Redis answers its heartbeat again. Between 1 ms and 10 s;
+    /// default 50 ms.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.redis_timeout = timeout;
+        self
+    }
+
+    /// How long one replica holds a token's lease while it asks Conneqt (the others wait for
+    /// its verdict that long at most, then ask themselves), and how long an invalidation keeps
+    /// a verification under way from storing its valid verdict. Longer than a verify call
+    /// takes. Between 1 ms and 5 min; default 2 s.
+    pub fn redis_lease(mut self, lease: Duration) -> Self {
+        self.settings.redis_lease = lease;
+        self
+    }
+
     /// Checks the settings and builds the layer.
     ///
     /// Does no I/O: a wrong key or an unreachable upstream show up on the first request (or
@@ -237,13 +280,6 @@ impl AccessTokenLayerBuilder {
         for prefix in settings.skip_path_prefixes {
             skip.add_prefix(prefix);
         }
-        let hasher = TokenHasher::for_process().map_err(|error| {
-            BuildError::new(
-                "token hash key",
-                format!("could not be drawn from the OS random source ({error})"),
-            )
-        })?;
-
         let tls = crate::upstream::tls::client_config().map_err(|error| {
             BuildError::new("HTTP client", "could not set up TLS").with_source(error)
         })?;
@@ -282,16 +318,51 @@ impl AccessTokenLayerBuilder {
             settings.upstream_timeout,
             resilience,
         );
+        let refresh_after = settings
+            .refresh_ahead
+            .then(|| settings.cache_ttl.mul_f64(settings.refresh_ahead_share));
         let cache = VerdictCache::new(CacheSettings {
             cache_ttl: settings.cache_ttl,
             valid_capacity: settings.cache_capacity,
             gone_ttl: settings.gone_ttl,
             gone_capacity: settings.gone_capacity,
-            refresh_after: settings
-                .refresh_ahead
-                .then(|| settings.cache_ttl.mul_f64(settings.refresh_ahead_share)),
+            refresh_after,
             stale_grace: settings.stale_if_error,
         });
+        #[cfg(feature = "redis")]
+        let (hasher, shared) = match settings.redis_url.take() {
+            Some(url) => {
+                let cluster_key = match &settings.cluster_key {
+                    Some(key) => key.as_bytes().to_vec(),
+                    None => crate::shared::default_cluster_key(
+                        settings.api_key.as_deref().expect(checked),
+                        base.as_str(),
+                    )
+                    .to_vec(),
+                };
+                let verdicts = crate::shared::SharedVerdicts::new(
+                    crate::shared::SharedSettings {
+                        url,
+                        namespace: crate::shared::namespace(&cluster_key),
+                        timeout: settings.redis_timeout,
+                        lease: settings.redis_lease,
+                    },
+                    evict_from(&cache),
+                )
+                .map_err(|problem| BuildError::new("redis_url", problem))?;
+                let tier = crate::shared::SharedTier {
+                    verdicts,
+                    cache_ttl: settings.cache_ttl,
+                    gone_ttl: settings.gone_ttl,
+                    refresh_after,
+                    lease: settings.redis_lease,
+                };
+                (TokenHasher::from_cluster_key(&cluster_key), Some(tier))
+            }
+            None => (process_hasher()?, None),
+        };
+        #[cfg(not(feature = "redis"))]
+        let hasher = process_hasher()?;
         Ok(AccessTokenLayer::new(Guard {
             token_format: if settings.accept_opaque_tokens {
                 TokenFormat::Opaque
@@ -303,6 +374,8 @@ impl AccessTokenLayerBuilder {
             upstream: Arc::new(upstream),
             skip,
             strip_token_header: settings.strip_token_header,
+            #[cfg(feature = "redis")]
+            shared,
         }))
     }
 }
@@ -440,6 +513,26 @@ impl AccessTokenLayerBuilder {
 
 /// `upstream_proxy`'s problem, which never quotes the value.
 const PROXY_PROBLEM: &str = "is not a valid proxy URL (e.g. http://proxy.internal:3128)";
+
+/// Without the shared tier, tokens are keyed with this process's random secret.
+fn process_hasher() -> Result<TokenHasher, BuildError> {
+    TokenHasher::for_process().map_err(|error| {
+        BuildError::new(
+            "token hash key",
+            format!("could not be drawn from the OS random source ({error})"),
+        )
+    })
+}
+
+/// What the shared tier's notices do: evict from this replica's cache.
+#[cfg(feature = "redis")]
+fn evict_from(cache: &VerdictCache) -> Arc<dyn Fn(crate::shared::Notice) + Send + Sync> {
+    let cache = cache.clone();
+    Arc::new(move |notice| match notice {
+        crate::shared::Notice::Evict(key) => cache.invalidate(&key),
+        crate::shared::Notice::EvictAll => cache.invalidate_all(),
+    })
+}
 
 fn parse_base_url(raw: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(raw)

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use http::Request;
 use tracing::Instrument;
 
-use crate::cache::{CacheResult, Learned, VerdictCache};
+use crate::cache::{Asked, CacheResult, Learned, VerdictCache};
 use crate::reject::Rejection;
 use crate::skip::SkipRules;
 use crate::telemetry::{self, Outcome};
-use crate::token::{self, Fingerprint, PresentedToken, Taken, TokenFormat, TokenHasher};
+use crate::token::{self, Fingerprint, PresentedToken, Taken, TokenFormat, TokenHash, TokenHasher};
 use crate::upstream::{Upstream, UpstreamError};
 use crate::verdict::{Verdict, VerifiedToken};
 
@@ -31,6 +31,9 @@ pub(crate) struct Guard {
     pub(crate) upstream: Arc<Upstream>,
     pub(crate) skip: SkipRules,
     pub(crate) strip_token_header: bool,
+    /// The verdicts other replicas share, when `redis_url` is set.
+    #[cfg(feature = "redis")]
+    pub(crate) shared: Option<crate::shared::SharedTier>,
 }
 
 /// What [`Guard::start`] could tell at once.
@@ -114,11 +117,56 @@ impl Guard {
         self.verify_in(presented).instrument(span).await
     }
 
+    /// Step 3 for one token, as a future that owns what it needs, for the cache to run (on a
+    /// miss) or spawn (to refresh ahead): the shared tier's verdict when there is one, else
+    /// the upstream's.
+    fn verification(
+        &self,
+        presented: &PresentedToken,
+        asked: Asked,
+    ) -> impl Future<Output = Result<Learned, UpstreamError>> + Send + 'static {
+        let upstream = self.upstream.clone();
+        let token = presented.clone();
+        #[cfg(feature = "redis")]
+        let shared = self.shared.clone();
+        let _ = asked;
+        // The call runs in its own task; carry the request's span into it.
+        async move {
+            let verify = upstream.verify(&token);
+            #[cfg(feature = "redis")]
+            if let Some(shared) = shared {
+                return shared.verify(token.hash(), asked, verify).await;
+            }
+            verify.await.map(Learned::from)
+        }
+        .in_current_span()
+    }
+
+    /// Forgets the verdict for `key` here and, with the shared tier, on every replica.
+    pub(crate) async fn invalidate(&self, key: TokenHash) {
+        self.cache.invalidate(&key);
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared
+                .invalidate(crate::shared::Invalidation::One(key))
+                .await;
+        }
+    }
+
+    /// Forgets every verdict here and, with the shared tier, on every replica.
+    pub(crate) async fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared.invalidate(crate::shared::Invalidation::All).await;
+        }
+    }
+
     async fn verify_in(&self, presented: PresentedToken) -> Decision {
         let key = presented.hash();
         let (result, cache) = self
             .cache
-            .get_or_verify(key, |_| verification(&self.upstream, &presented))
+            .get_or_verify(key, |asked| self.verification(&presented, asked))
             .await;
         let (result, cache) = match result {
             // Stale-if-error: only when the upstream could not answer, never on a verdict or
@@ -136,18 +184,6 @@ impl Guard {
         tracing::Span::current().record("cache", cache.as_str());
         decide(result, presented, cache)
     }
-}
-
-/// Step 3 for one token, as a future that owns what it needs, for the cache to run (on a miss)
-/// or spawn (to refresh ahead).
-fn verification(
-    upstream: &Arc<Upstream>,
-    presented: &PresentedToken,
-) -> impl Future<Output = Result<Learned, UpstreamError>> + Send + 'static {
-    let upstream = upstream.clone();
-    let token = presented.clone();
-    // The call runs in its own task; carry the request's span into it.
-    async move { upstream.verify(&token).await.map(Learned::from) }.in_current_span()
 }
 
 /// Turns the verdict (or the failure to get one) into forward-or-reject, and logs it with the

@@ -91,20 +91,42 @@ impl AccessTokenLayer {
     }
 
     /// Forgets the cached verdict for `token` (for example when the application learns the
-    /// user logged out), so its next request is verified again. Affects every clone.
+    /// user logged out), so its next request is verified again. Affects every clone and, with
+    /// the shared tier (`redis_url`), every replica: their next request with the token is
+    /// verified again too. When Redis cannot be reached, it holds here at once and is sent on
+    /// in the background once Redis answers.
     pub async fn invalidate(&self, token: &str) {
         let key = self.guard.hasher.hash(token.as_bytes());
-        self.guard.cache.invalidate(&key);
+        self.guard.invalidate(key).await;
     }
 
-    /// Forgets every cached verdict. Affects every clone.
+    /// Forgets every cached verdict. Affects every clone and, with the shared tier, every
+    /// replica, as [`invalidate`](Self::invalidate) does.
     pub async fn invalidate_all(&self) {
-        self.guard.cache.invalidate_all();
+        self.guard.invalidate_all().await;
     }
 
     /// Checks the API key and the connection with `GET /api/v1/test`, without spending a
     /// token. Call it at start-up to fail fast on a wrong key or an unreachable upstream.
+    ///
+    /// With the shared tier it also connects to Redis and waits (up to 2 s) until the tier is
+    /// up: credentials Redis refuses are [`ConnectionStatus::RedisRefused`], a configuration
+    /// error; a Redis that is down or slow is only logged (the replica verifies on its own
+    /// until Redis answers).
     pub async fn check_connection(&self) -> ConnectionStatus {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.guard.shared {
+            match shared.verdicts.check().await {
+                Ok(()) => {}
+                Err(crate::shared::SharedProblem::AuthRefused(reason)) => {
+                    return ConnectionStatus::RedisRefused { reason };
+                }
+                Err(problem) => tracing::warn!(
+                    %problem,
+                    "conneqt-guard: the shared tier is down; verifying on this replica's own until Redis answers"
+                ),
+            }
+        }
         match self.guard.upstream.check_key().await {
             KeyCheck::Ok => ConnectionStatus::Ok,
             KeyCheck::Failed(UpstreamError::KeyRejected) => ConnectionStatus::KeyRejected,
@@ -147,6 +169,11 @@ pub enum ConnectionStatus {
         /// What went wrong, without URL or key.
         reason: String,
     },
+    /// Redis (the shared tier, `redis_url`) refused our credentials or their permissions.
+    RedisRefused {
+        /// What Redis said, without URL or password.
+        reason: String,
+    },
 }
 
 impl ConnectionStatus {
@@ -167,6 +194,9 @@ impl fmt::Display for ConnectionStatus {
                 "Conneqt knows the API key but this system is not authorised (403): ask Quicksilva",
             ),
             Self::Unreachable { reason } => write!(f, "Conneqt could not be checked: {reason}"),
+            Self::RedisRefused { reason } => {
+                write!(f, "Redis refused the credentials in redis_url: {reason}")
+            }
         }
     }
 }

@@ -68,8 +68,9 @@
 //! Commands and pub/sub share one RESP3 connection (redis-rs's `ConnectionManager`, which
 //! reconnects and, with automatic resubscription, subscribes again on the new connection).
 
-// The request path that calls this lands on top of it (issue 11); until then only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
+mod tier;
+
+pub(crate) use tier::{Invalidation, SharedTier};
 
 use std::fmt;
 use std::future::Future;

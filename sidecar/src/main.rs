@@ -249,9 +249,9 @@ async fn check_connection(guard: &conneqt_guard::AccessTokenLayer) -> Result<(),
             tracing::info!("start-up check: {status}");
             Ok(())
         }
-        status @ (ConnectionStatus::KeyRejected | ConnectionStatus::KeyNotAuthorised) => {
-            Err(format!("cannot start: {status}"))
-        }
+        status @ (ConnectionStatus::KeyRejected
+        | ConnectionStatus::KeyNotAuthorised
+        | ConnectionStatus::RedisRefused { .. }) => Err(format!("cannot start: {status}")),
         status => {
             tracing::warn!(
                 "start-up check: {status}; starting anyway, /readyz answers 503 until it succeeds"

@@ -686,6 +686,7 @@ async fn a_valid_verdict_under_way_during_an_invalidation_is_not_stored() {
 
     // The same after invalidate_all, for every token.
     let other_key = other(7);
+    let marked = std::time::Instant::now();
     a.tier.invalidate_all().await.unwrap();
     b.tier
         .put(&other_key, SharedVerdict::Valid, Duration::from_secs(30))
@@ -694,7 +695,7 @@ async fn a_valid_verdict_under_way_during_an_invalidation_is_not_stored() {
     assert_eq!(a.tier.get(&other_key).await, Ok(None));
 
     // Once the mark has lapsed (one lease, 300 ms here), valid verdicts are shared again.
-    let lapsed = std::time::Instant::now() + Duration::from_millis(300);
+    let lapsed = marked + Duration::from_millis(300);
     loop {
         b.tier
             .put(&other_key, SharedVerdict::Valid, Duration::from_secs(30))

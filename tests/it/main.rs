@@ -14,3 +14,11 @@ mod resilience;
 mod secrets;
 mod skip;
 mod upstream_request;
+
+// The shared tier (feature `redis`), against a real redis-server.
+#[cfg(feature = "redis")]
+mod redis_server;
+#[cfg(feature = "redis")]
+mod replicas;
+#[cfg(feature = "redis")]
+mod system;

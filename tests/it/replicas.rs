@@ -98,7 +98,9 @@ impl Cluster {
 
 #[tokio::test]
 async fn sixty_requests_with_one_token_over_three_replicas_make_one_upstream_call() {
-    let Some(c) = cluster(3, |b| b).await else { return };
+    let Some(c) = cluster(3, |b| b).await else {
+        return;
+    };
     let token = c.sim.issue_token();
     for i in 0..60 {
         assert_eq!(c.status(i % 3, &token).await, 200, "request {i}");
@@ -109,7 +111,9 @@ async fn sixty_requests_with_one_token_over_three_replicas_make_one_upstream_cal
 
 #[tokio::test]
 async fn thirty_concurrent_first_requests_over_three_replicas_make_one_upstream_call() {
-    let Some(c) = cluster(3, |b| b).await else { return };
+    let Some(c) = cluster(3, |b| b).await else {
+        return;
+    };
     // Slow enough that every request arrives while the first verification is under way.
     c.sim.set_latency(Duration::from_millis(300));
     let token = c.sim.issue_token();
@@ -149,7 +153,11 @@ async fn invalidate_on_one_replica_is_enforced_on_every_replica() {
     }
     // Verified again once for the three of them; the 410 is shared.
     assert_eq!(c.sim.verify_calls(), 2);
-    assert_eq!(c.inner_calls(), 6, "no request with the revoked token reached the service");
+    assert_eq!(
+        c.inner_calls(),
+        6,
+        "no request with the revoked token reached the service"
+    );
 }
 
 #[tokio::test]
@@ -193,7 +201,11 @@ async fn a_gone_found_by_one_replicas_refresh_reaches_the_others_before_their_en
         let took = c.until(replica, &token, 410, ENFORCED_WITHIN).await;
         eprintln!("replica {replica}: 410 from replica 0's refresh after {took:?}");
     }
-    assert_eq!(c.sim.verify_calls(), calls, "the others read the 410 from Redis");
+    assert_eq!(
+        c.sim.verify_calls(),
+        calls,
+        "the others read the 410 from Redis"
+    );
 }
 
 #[tokio::test]
@@ -220,7 +232,11 @@ async fn with_redis_down_or_slow_valid_tokens_pass_revoked_ones_do_not_and_shari
             for (token, expected) in [(&valid, 200), (&fresh, 200), (&revoked, 410)] {
                 let start = Instant::now();
                 assert_eq!(c.status(replica, token).await, expected, "{outage}");
-                assert!(start.elapsed() < bound, "{outage}: took {:?}", start.elapsed());
+                assert!(
+                    start.elapsed() < bound,
+                    "{outage}: took {:?}",
+                    start.elapsed()
+                );
             }
         }
         if outage == "down" {
@@ -235,14 +251,21 @@ async fn with_redis_down_or_slow_valid_tokens_pass_revoked_ones_do_not_and_shari
             if c.sim.verify_calls_for(&probe) == 1 {
                 break;
             }
-            assert!(resumed.elapsed() < Duration::from_secs(10), "{outage}: sharing never resumed");
+            assert!(
+                resumed.elapsed() < Duration::from_secs(10),
+                "{outage}: sharing never resumed"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         eprintln!("{outage}: sharing resumed after {:?}", resumed.elapsed());
     }
     let forwarded = c.inner_calls();
     assert_eq!(c.status(2, &revoked).await, 410);
-    assert_eq!(c.inner_calls(), forwarded, "the revoked token never reached the service");
+    assert_eq!(
+        c.inner_calls(),
+        forwarded,
+        "the revoked token never reached the service"
+    );
 }
 
 #[tokio::test]
@@ -262,7 +285,9 @@ async fn a_replica_that_missed_the_invalidation_message_does_not_serve_the_token
 
 #[tokio::test]
 async fn two_cluster_keys_on_one_redis_never_share_verdicts_and_the_token_is_never_stored() {
-    let Some(c) = cluster(1, |b| b).await else { return };
+    let Some(c) = cluster(1, |b| b).await else {
+        return;
+    };
     let other = support::builder_for(&c.sim)
         .redis_url(c.redis.url())
         .cluster_key("another environment")
@@ -279,7 +304,11 @@ async fn two_cluster_keys_on_one_redis_never_share_verdicts_and_the_token_is_nev
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(c.sim.verify_calls(), 2, "each cluster verified the token itself");
+    assert_eq!(
+        c.sim.verify_calls(),
+        2,
+        "each cluster verified the token itself"
+    );
 
     let gone = c.sim.issue_token();
     c.sim.revoke(&gone);
@@ -291,7 +320,10 @@ async fn two_cluster_keys_on_one_redis_never_share_verdicts_and_the_token_is_nev
         let value = String::from_utf8_lossy(value);
         for t in [&token, &gone] {
             for form in [t.to_string(), simple(t), t.to_uppercase()] {
-                assert!(!key.contains(&form) && !value.contains(&form), "{key}: {value}");
+                assert!(
+                    !key.contains(&form) && !value.contains(&form),
+                    "{key}: {value}"
+                );
             }
         }
     }
