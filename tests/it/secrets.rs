@@ -157,3 +157,72 @@ async fn verified_token_debug_shows_only_the_fingerprint() {
     );
     assert!(!shown.contains(&token));
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn with_the_shared_tier_no_token_redis_password_or_cluster_key_is_written_anywhere() {
+    use crate::redis_server::RedisServer;
+    use conneqt_guard::ConnectionStatus;
+
+    let password = "redis-password-5150";
+    let Some(redis) = RedisServer::start_with_password(password) else {
+        return;
+    };
+    captured();
+    let cluster_key = "cluster-key-secret-8086";
+    let h = start_with(|b| {
+        b.redis_url(redis.url_with_password(password))
+            .cluster_key(cluster_key)
+    })
+    .await;
+    assert!(h.guard.check_connection().await.is_ok());
+    let valid = h.simulator.issue_token();
+    let revoked = h.simulator.issue_token();
+    h.simulator.revoke(&revoked);
+    let mut bodies = String::new();
+    for token in [&valid, &revoked] {
+        bodies.push_str(&h.get(Some(token)).await.text().await.unwrap());
+    }
+    h.guard.invalidate(&valid).await;
+    // Redis down: the tier's warnings are logged, still without secrets.
+    let mut redis = redis;
+    redis.stop();
+    bodies.push_str(&h.get(Some(&valid)).await.text().await.unwrap());
+
+    // A wrong password: refused at the start-up check, and the message quotes neither.
+    let wrong = "wrong-redis-password-1999";
+    let refused = conneqt_guard::AccessTokenLayer::builder()
+        .base_url(h.simulator.base_url())
+        .api_key(h.simulator.api_key())
+        .redis_url(format!("redis://:{wrong}@127.0.0.1:{}", redis.port()))
+        .build()
+        .unwrap();
+    redis.restart();
+    let status = refused.check_connection().await;
+    assert!(
+        matches!(status, ConnectionStatus::RedisRefused { .. }),
+        "{status:?}"
+    );
+    let shown = format!("{status} {status:?} {refused:?} {:?}", h.guard);
+
+    let logs = logs_text();
+    assert!(
+        logs.contains("Redis"),
+        "the tier's events are logged: {logs}"
+    );
+    for secret in [
+        valid.as_str(),
+        revoked.as_str(),
+        password,
+        wrong,
+        cluster_key,
+        h.simulator.api_key(),
+    ] {
+        assert!(!logs.contains(secret), "a secret is in the logs");
+        assert!(!bodies.contains(secret), "a secret is in a response");
+        assert!(
+            !shown.contains(secret),
+            "a secret is in Debug or Display: {shown}"
+        );
+    }
+}

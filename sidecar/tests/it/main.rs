@@ -16,4 +16,9 @@ mod wire;
 mod forward_auth;
 mod proxy;
 mod relay;
+mod replicas;
 mod security;
+
+// A real redis-server for the shared tier's tests.
+#[path = "../../../tests/it/redis_server.rs"]
+mod redis_server;
