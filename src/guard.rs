@@ -129,6 +129,8 @@ impl Guard {
         let token = presented.clone();
         #[cfg(feature = "redis")]
         let shared = self.shared.clone();
+        // Only the shared tier tells a refresh from a miss.
+        #[cfg(not(feature = "redis"))]
         let _ = asked;
         // The call runs in its own task; carry the request's span into it.
         async move {
