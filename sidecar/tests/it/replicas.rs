@@ -92,3 +92,52 @@ async fn three_sidecars_on_one_redis_verify_once_and_revoke_everywhere() {
         assert!(!sidecar.stderr().contains(&token));
     }
 }
+
+#[tokio::test]
+async fn redis_refusing_the_password_stops_start_up_and_redis_being_down_does_not() {
+    let password = "sidecar-redis-password-42";
+    let Some(mut redis) = RedisServer::start_with_password(password) else {
+        return;
+    };
+    let sim = Simulator::start().await.unwrap();
+    let base_url = sim.base_url();
+    let common = ["--base-url", base_url.as_str(), "--api-key", sim.api_key()];
+
+    // A URL that is not Redis's, and a password Redis refuses: exit 1, saying why, without
+    // the URL's password.
+    let wrong = format!("redis://:wrong-password-77@127.0.0.1:{}", redis.port());
+    let not_redis = "http://:wrong-password-77@127.0.0.1:6379".to_owned();
+    for (url, expected) in [
+        (&wrong, "Redis refused the credentials in redis_url"),
+        (&not_redis, "redis_url"),
+    ] {
+        let mut args = vec!["proxy", "--backend", "http://127.0.0.1:9"];
+        args.extend(common);
+        args.extend(["--redis-url", url.as_str()]);
+        let exited = Sidecar::run_to_exit(&args, &[]).await;
+        assert_eq!(exited.status.code(), Some(1), "{}", exited.stderr);
+        assert!(exited.stderr.contains(expected), "{}", exited.stderr);
+        assert!(
+            !exited.stderr.contains("wrong-password-77"),
+            "{}",
+            exited.stderr
+        );
+        assert!(!exited.stdout.contains("listening on"));
+    }
+
+    // Redis down: the sidecar starts, and verifies on its own.
+    redis.stop();
+    let backend = Backend::start().await;
+    let url = redis.url_with_password(password);
+    let sidecar = Sidecar::proxy(&sim, &backend.url(), &["--redis-url", url.as_str()]).await;
+    let token = sim.issue_token();
+    let response = client()
+        .get(sidecar.url("/headers"))
+        .header(TOKEN_HEADER, &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(sim.verify_calls(), 1);
+    assert!(!sidecar.stderr().contains(password));
+}
