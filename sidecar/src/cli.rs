@@ -100,7 +100,9 @@ pub(crate) struct Common {
     #[command(flatten)]
     pub(crate) guard: GuardSettings,
     /// The admin listener: `/healthz`, `/readyz` (checks the API key with Conneqt's
-    /// `/api/v1/test`) and `/metrics` (Prometheus). Printed as `admin listening on ADDR`.
+    /// `/api/v1/test`), `/metrics` (Prometheus), and `POST /invalidate` (the token in its
+    /// header) and `POST /invalidate-all`, on every replica with `--redis-url`. Operators
+    /// only. Printed as `admin listening on ADDR`.
     #[arg(
         long,
         env = "CONNEQT_GUARD_ADMIN_LISTEN",
