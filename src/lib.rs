@@ -98,8 +98,10 @@
 //! # Crates
 //!
 //! By default this crate pulls only what the layer needs. Its one cargo feature, `redis`
-//! (off by default; on in the sidecar), adds the building block of a verdict tier shared by
-//! replicas through one Redis (redis-rs; single endpoint, no Cluster or Sentinel). The rest of the
+//! (off by default; on in the sidecar), adds the shared verdict tier: replicas share verdicts
+//! and revocations through one Redis
+//! ([`redis_url`](AccessTokenLayerBuilder::redis_url); redis-rs; single endpoint, no Cluster
+//! or Sentinel). The rest of the
 //! workspace lives beside it: the `conneqt-guard` sidecar binary (crate
 //! `conneqt-guard-sidecar`, `cargo install --path sidecar`) and the Conneqt simulator the tests,
 //! examples and benches run against (crate `conneqt-guard-simulator`).
@@ -110,16 +112,16 @@
 mod builder;
 mod layer;
 mod service;
-// The request's path in one place, and its steps in order: skip → token → cache → upstream →
-// verdict → rejection.
+// The request's path in one place, and its steps in order: skip → token → cache → (shared
+// tier) → upstream → verdict → rejection.
 mod guard;
 mod skip;
 mod token;
 mod cache;
-mod upstream;
-mod verdict;
 #[cfg(feature = "redis")]
 mod shared;
+mod upstream;
+mod verdict;
 mod reject;
 // What operators see of it.
 mod telemetry;
