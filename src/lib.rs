@@ -91,7 +91,8 @@
 //!
 //! * Fails closed: no verdict, no entry.
 //! * The token is never logged, never put in an error or a response, and never stored in
-//!   the cache, which is keyed on a 128-bit keyed hash with a random per-process key. Logs
+//!   the cache, which is keyed on a 128-bit keyed hash with a random per-process key (with
+//!   the shared tier, a key derived from the cluster key, and only the hash goes to Redis). Logs
 //!   carry a [`Fingerprint`] instead.
 //! * The API key never appears in `Debug` output, logs or errors.
 //!
