@@ -9,7 +9,7 @@
 //! ```
 //!
 //! With `CONNEQT_CALLGRIND_ANNOTATE=1` it keeps the N = 12,000 callgrind files of the guard hit
-//! and of the inner service alone and prints their paths; `callgrind_annotate <file>` then
+//! (with and without the shared tier) and of the inner service alone and prints their paths; `callgrind_annotate <file>` then
 //! lists the functions by their own (self) cost, which divided by 12,000 is per request, and
 //! the two side by side show where the hit's extra instructions go.
 //!
@@ -516,7 +516,12 @@ fn bench(args: &[String]) -> ExitCode {
             run_started.elapsed().as_secs_f64(),
             measured.setup.as_secs_f64()
         );
-        if annotate && matches!(variant, Variant::GuardHit | Variant::InnerAlone) {
+        if annotate
+            && matches!(
+                variant,
+                Variant::GuardHit | Variant::InnerAlone | Variant::GuardHitShared
+            )
+        {
             println!(
                 "  kept for annotation: callgrind_annotate {}",
                 measured.long_file.display()

@@ -26,21 +26,29 @@
 //!    default, at 0.8 of the TTL), for [`HOT_RUN`]: one hot token and [`WARM_TOKENS`] warm
 //!    ones requested continuously, round-robin over the three replicas (every millisecond,
 //!    each of [`HOT_WORKERS`] workers sends the hot token to one replica and the next warm
-//!    token to the next). Reported per token: the simulator's verify calls, per TTL window,
+//!    token to the next), open loop (a tick's requests are sent whether or not earlier ones
+//!    were answered, as independent clients would; a closed loop lets a slow miss delay every
+//!    later request, and without the tier, cycling through 150 token-replica pairs at 20 ms a
+//!    miss then takes longer than the TTL, so the entries expire before their next use).
+//!    Reported per token: the simulator's verify calls, per TTL window,
 //!    against the target `1 + expiries` (one first verification, then at most one per TTL);
 //!    and the same load on three replicas without the tier (each its own cache).
-//! 2. **L2 hit latency.** Replica A verifies [`LATENCY_TOKENS`] tokens; then replica B asks
+//! 2. **L2 hit latency.** Replica A verifies [`LATENCY_TOKENS`] tokens (at no upstream
+//!    latency: set-up); then replica B asks
 //!    for each once (an L1 miss answered from Redis: one round trip), and at once again (an
 //!    L1 hit), timed the same way, one request at a time. For contrast, a miss in both tiers
 //!    (L2 read, lease, upstream, L2 write) on replica C, at the simulator's latency and at
-//!    none.
+//!    none. And, as a reference for the L2 hit, the one Redis round trip it makes (`GET` +
+//!    `PTTL` pipelined) sent bare through redis-rs's `ConnectionManager` on the same runtime.
 //! 3. **Invalidation to enforcement.** For [`INVALIDATED_TOKENS`] tokens, one at a time: every
 //!    replica has the valid verdict cached, the simulator revokes the token, replica 0 calls
 //!    `invalidate`, and replicas 1 and 2 are asked (in turn, without pause) until each answers
-//!    `410`. Reported from just before `invalidate`: when the first request that no longer
-//!    found the verdict in L1 started (the pub/sub notice had arrived), and when the `410`
-//!    came back (that request also verified the token again, once for both replicas, at the
-//!    upstream's latency). Measured at the simulator's latency and at none.
+//!    `410` (both polled at once, each in a loop of its own). Reported from just before
+//!    `invalidate`: when the first request that no longer found the verdict in L1 was sent
+//!    (the pub/sub notice had arrived), and when its `410` came back (that request also
+//!    verified the token again, once for both replicas, at the upstream's latency). Measured
+//!    at the simulator's latency and at none. Caching each token on every replica is done at
+//!    no latency, to save time (set-up, not measured).
 
 #[path = "../tests/it/redis_server.rs"]
 mod redis_server;
@@ -51,7 +59,7 @@ mod support;
 mod system;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conneqt_guard::{AccessTokenLayer, AccessTokenService};
@@ -74,6 +82,8 @@ const HOT_TTL: Duration = Duration::from_secs(2);
 const HOT_RUN: Duration = Duration::from_secs(10);
 const WARM_TOKENS: usize = 50;
 const HOT_WORKERS: usize = 3;
+/// The layer's default `refresh_ahead_share`.
+const REFRESH_SHARE: f64 = 0.8;
 
 /// Scenario 2: tokens verified by replica A and then asked of replica B; misses timed.
 const LATENCY_TOKENS: usize = 2_000;
@@ -218,10 +228,20 @@ async fn hot_tokens(sim: &Simulator, redis: &RedisServer) {
         if non_200 > 0 {
             println!("    statuses: {:?}", run.statuses);
         }
+        let times: Vec<String> = run
+            .hot_call_times
+            .iter()
+            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .collect();
+        println!("    the hot token's calls, seconds into the run: {}", times.join(", "));
     }
+    let refresh_every = HOT_TTL.mul_f64(REFRESH_SHARE);
     println!(
         "  (calls per TTL: a token's verify calls over the run divided by the {windows:.0} windows; \
-         \"warm\" is the mean over the {WARM_TOKENS} warm tokens, max = the most any one made)"
+         \"warm\" is the mean over the {WARM_TOKENS} warm tokens, max = the most any one made. \
+         Refresh-ahead re-verifies a token in use once it is {REFRESH_SHARE} of the TTL old, so a \
+         token in steady use with the tier makes 1 + {HOT_RUN:?} / {refresh_every:?} = {:.0} calls)",
+        1.0 + (HOT_RUN.as_secs_f64() / refresh_every.as_secs_f64()).floor()
     );
 }
 
@@ -229,53 +249,61 @@ struct HotRun {
     requests: usize,
     statuses: BTreeMap<u16, usize>,
     hot_calls: usize,
+    /// When each of the hot token's calls was seen, from the start of the run.
+    hot_call_times: Vec<Duration>,
     warm_calls: Vec<usize>,
     latencies: Vec<Duration>,
 }
 
 async fn hot_run(sim: &Simulator, tier: Option<&RedisServer>) -> HotRun {
     let replicas = Arc::new(replicas(sim, tier, HOT_TTL).await);
-    let hot = sim.issue_token();
-    let warm: Arc<Vec<String>> = Arc::new((0..WARM_TOKENS).map(|_| sim.issue_token()).collect());
-    let end = Instant::now() + HOT_RUN;
-    let results = Arc::new(Mutex::new((BTreeMap::new(), Vec::new())));
-    let workers: Vec<_> = (0..HOT_WORKERS)
-        .map(|worker| {
-            let (replicas, hot, warm, results) =
-                (replicas.clone(), hot.clone(), warm.clone(), results.clone());
-            tokio::spawn(async move {
-                let mut statuses = BTreeMap::<u16, usize>::new();
-                let mut latencies = Vec::new();
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut step = worker;
-                while Instant::now() < end {
-                    tick.tick().await;
-                    let warm_token = &warm[step % warm.len()];
-                    for (replica, token) in [(step, &hot), (step + 1, warm_token)] {
-                        let (status, took) = replicas[replica % REPLICAS].timed(token).await;
-                        *statuses.entry(status).or_default() += 1;
-                        latencies.push(took);
-                    }
-                    step += 1;
-                }
-                let mut results = results.lock().expect("not poisoned");
-                for (status, n) in statuses {
-                    *results.0.entry(status).or_default() += n;
-                }
-                results.1.extend(latencies);
-            })
-        })
+    let hot = Arc::new(sim.issue_token());
+    let warm: Vec<Arc<String>> = (0..WARM_TOKENS)
+        .map(|_| Arc::new(sim.issue_token()))
         .collect();
-    for worker in workers {
-        worker.await.expect("a worker panicked");
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    let mut latencies = Vec::new();
+    let mut record = |(status, took): (u16, Duration)| {
+        *statuses.entry(status).or_default() += 1;
+        latencies.push(took);
+    };
+    // Open loop: the requests of a tick are sent whether or not those of earlier ticks have
+    // been answered, as independent clients would send them.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let begin = Instant::now();
+    let end = begin + HOT_RUN;
+    let mut step = 0usize;
+    // When the hot token's verify calls reached the upstream (to the tick).
+    let mut hot_call_times = Vec::new();
+    while Instant::now() < end {
+        tick.tick().await;
+        let calls = sim.verify_calls_for(&hot);
+        if calls > hot_call_times.len() {
+            hot_call_times.resize(calls, begin.elapsed());
+        }
+        for _ in 0..HOT_WORKERS {
+            let warm_token = &warm[step % warm.len()];
+            for (replica, token) in [(step, &hot), (step + 1, warm_token)] {
+                let (replicas, token) = (replicas.clone(), token.clone());
+                in_flight.spawn(async move { replicas[replica % REPLICAS].timed(&token).await });
+            }
+            step += 1;
+        }
+        while let Some(done) = in_flight.try_join_next() {
+            record(done.expect("a request panicked"));
+        }
     }
-    let (statuses, mut latencies) = std::mem::take(&mut *results.lock().expect("not poisoned"));
+    while let Some(done) = in_flight.join_next().await {
+        record(done.expect("a request panicked"));
+    }
     latencies.sort();
     HotRun {
         requests: latencies.len(),
         statuses,
         hot_calls: sim.verify_calls_for(&hot),
+        hot_call_times,
         warm_calls: warm.iter().map(|t| sim.verify_calls_for(t)).collect(),
         latencies,
     }
@@ -285,9 +313,12 @@ async fn hot_run(sim: &Simulator, tier: Option<&RedisServer>) -> HotRun {
 async fn l2_latency(sim: &Simulator, redis: &RedisServer) {
     let replicas = replicas(sim, Some(redis), Duration::from_secs(600)).await;
     let tokens: Vec<String> = (0..LATENCY_TOKENS).map(|_| sim.issue_token()).collect();
+    // Replica A's verifications are set-up, not measured: no latency, to save time.
+    sim.set_latency(Duration::ZERO);
     for token in &tokens {
         assert_eq!(replicas[0].status(token).await, 200);
     }
+    sim.set_latency(UPSTREAM_LATENCY);
     let calls_before = sim.verify_calls();
     let (mut l2, mut l1) = (Vec::new(), Vec::new());
     for token in &tokens {
@@ -340,7 +371,36 @@ async fn l2_latency(sim: &Simulator, redis: &RedisServer) {
             timings,
         );
     }
-    println!("  (upstream calls made by replica B's {LATENCY_TOKENS} L2 hits: {reached})");
+    let mut bare = bare_redis_round_trips(redis, &tokens).await;
+    row("for reference: a bare GET + PTTL (redis-rs)", &mut bare);
+    println!(
+        "  (upstream calls made by replica B's {LATENCY_TOKENS} L2 hits: {reached}; the reference \
+         row is the L2 hit's one round trip alone, pipelined as the tier sends it, through \
+         redis-rs's ConnectionManager on this runtime, without the guard)"
+    );
+}
+
+/// One `GET` + `PTTL` pipeline per token, as the tier's L2 read sends it (on keys that are not
+/// there: the round trip is the same), timed one at a time.
+async fn bare_redis_round_trips(redis: &RedisServer, tokens: &[String]) -> Vec<Duration> {
+    let client = redis::Client::open(redis.url()).expect("our own URL");
+    let mut manager = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("a connection");
+    let mut timings = Vec::with_capacity(tokens.len());
+    for (i, _) in tokens.iter().enumerate() {
+        let key = format!("conneqt-guard:bench:v:{i:032x}");
+        let started = Instant::now();
+        let (value, ttl): (Option<Vec<u8>>, i64) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut manager)
+            .await
+            .expect("GET + PTTL");
+        timings.push(started.elapsed());
+        std::hint::black_box((value, ttl));
+    }
+    timings
 }
 
 /// Scenario 3, at the simulator's latency and at none.
@@ -355,40 +415,35 @@ async fn invalidation(sim: &Simulator, redis: &RedisServer) {
         "from just before invalidate() to", "n", "p50", "p90", "p99", "max"
     );
     for latency in [UPSTREAM_LATENCY, Duration::ZERO] {
-        sim.set_latency(latency);
         let replicas = replicas(sim, Some(redis), Duration::from_secs(600)).await;
         let calls_before = sim.verify_calls();
         let (mut noticed, mut enforced, mut invalidate_took) = (Vec::new(), Vec::new(), Vec::new());
         let mut late = 0;
         for _ in 0..INVALIDATED_TOKENS {
             let token = sim.issue_token();
+            // Caching it everywhere is set-up, not measured: no latency, to save time.
+            sim.set_latency(Duration::ZERO);
             for replica in &replicas {
                 assert_eq!(replica.status(&token).await, 200);
             }
+            sim.set_latency(latency);
             sim.revoke(&token);
             let started = Instant::now();
             replicas[0].guard.invalidate(&token).await;
             invalidate_took.push(started.elapsed());
-            let mut pending = vec![1, 2];
-            while !pending.is_empty() {
-                if started.elapsed() > ENFORCE_AT_MOST {
-                    late += pending.len();
-                    break;
-                }
-                let mut still = Vec::new();
-                for replica in pending {
-                    let asked = started.elapsed();
-                    let status = replicas[replica].status(&token).await;
-                    if status == 410 {
+            // Replicas 1 and 2 polled at once, each in a loop of its own.
+            let (one, two) = tokio::join!(
+                until_gone(&replicas[1], &token, started),
+                until_gone(&replicas[2], &token, started)
+            );
+            for result in [one, two] {
+                match result {
+                    Some((asked, answered)) => {
                         noticed.push(asked);
-                        enforced.push(started.elapsed());
-                    } else {
-                        assert_eq!(status, 200, "a cached valid verdict, until the notice");
-                        still.push(replica);
+                        enforced.push(answered);
                     }
+                    None => late += 1,
                 }
-                pending = still;
-                tokio::task::yield_now().await;
             }
         }
         let calls = sim.verify_calls() - calls_before;
@@ -418,6 +473,26 @@ async fn invalidation(sim: &Simulator, redis: &RedisServer) {
         );
     }
     sim.set_latency(UPSTREAM_LATENCY);
+}
+
+/// Asks `replica` for `token` until it answers `410`: when (since `started`) the request that
+/// got the `410` was sent and when it was answered; `None` past [`ENFORCE_AT_MOST`].
+async fn until_gone(
+    replica: &Replica,
+    token: &str,
+    started: Instant,
+) -> Option<(Duration, Duration)> {
+    loop {
+        let asked = started.elapsed();
+        if asked > ENFORCE_AT_MOST {
+            return None;
+        }
+        match replica.status(token).await {
+            410 => return Some((asked, started.elapsed())),
+            status => assert_eq!(status, 200, "a cached valid verdict, until the notice"),
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// The simulator on a runtime and thread of its own, as the upstream would be another process.
