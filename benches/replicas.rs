@@ -40,6 +40,9 @@
 //!    (L2 read, lease, upstream, L2 write) on replica C, at the simulator's latency and at
 //!    none. And, as a reference for the L2 hit, the one Redis round trip it makes (`GET` +
 //!    `PTTL` pipelined) sent bare through redis-rs's `ConnectionManager` on the same runtime.
+//!    The bench's runtime has two worker threads; the L2 figures are measured again on a
+//!    current-thread runtime (each of the sidecar's workers runs one), where no hand-over
+//!    between threads sits on the path.
 //! 3. **Invalidation to enforcement.** For [`INVALIDATED_TOKENS`] tokens, one at a time: every
 //!    replica has the valid verdict cached, the simulator revokes the token, replica 0 calls
 //!    `invalidate`, and replicas 1 and 2 are asked (in turn, without pause) until each answers
@@ -125,10 +128,18 @@ fn main() {
         println!();
         hot_tokens(sim, &redis).await;
         println!();
-        l2_latency(sim, &redis).await;
+        l2_latency(sim, &redis, Flavour::MultiThread).await;
         println!();
         invalidation(sim, &redis).await;
     });
+    println!();
+    // Scenario 2 again on a current-thread runtime, as each of the sidecar's workers runs one:
+    // no hand-over between worker threads on the L2 hit's path.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(l2_latency(upstream.sim(), &redis, Flavour::CurrentThread));
     println!();
     println!(
         "replicas: the whole run took {:.0} s",
@@ -194,14 +205,7 @@ async fn hot_tokens(sim: &Simulator, redis: &RedisServer) {
     );
     println!(
         "  {:<30} {:>9} {:>10} {:>11} {:>14} {:>14} {:>9} {:>9}",
-        "",
-        "requests",
-        "non-200",
-        "hot calls",
-        "hot per TTL",
-        "warm per TTL",
-        "p50",
-        "p99"
+        "", "requests", "non-200", "hot calls", "hot per TTL", "warm per TTL", "p50", "p99"
     );
     for (name, tier) in [
         ("shared tier (one Redis)", Some(redis)),
@@ -233,7 +237,10 @@ async fn hot_tokens(sim: &Simulator, redis: &RedisServer) {
             .iter()
             .map(|t| format!("{:.2}", t.as_secs_f64()))
             .collect();
-        println!("    the hot token's calls, seconds into the run: {}", times.join(", "));
+        println!(
+            "    the hot token's calls, seconds into the run: {}",
+            times.join(", ")
+        );
     }
     let refresh_every = HOT_TTL.mul_f64(REFRESH_SHARE);
     println!(
@@ -309,8 +316,17 @@ async fn hot_run(sim: &Simulator, tier: Option<&RedisServer>) -> HotRun {
     }
 }
 
-/// Scenario 2.
-async fn l2_latency(sim: &Simulator, redis: &RedisServer) {
+/// The runtime a scenario runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    /// Two worker threads (the bench's main runtime).
+    MultiThread,
+    /// One thread (as each sidecar worker).
+    CurrentThread,
+}
+
+/// Scenario 2 (the misses only on the multi-thread runtime).
+async fn l2_latency(sim: &Simulator, redis: &RedisServer, flavour: Flavour) {
     let replicas = replicas(sim, Some(redis), Duration::from_secs(600)).await;
     let tokens: Vec<String> = (0..LATENCY_TOKENS).map(|_| sim.issue_token()).collect();
     // Replica A's verifications are set-up, not measured: no latency, to save time.
@@ -331,7 +347,11 @@ async fn l2_latency(sim: &Simulator, redis: &RedisServer) {
     }
     let reached = sim.verify_calls() - calls_before;
     let mut misses = Vec::new();
-    for latency in [UPSTREAM_LATENCY, Duration::ZERO] {
+    let miss_latencies = match flavour {
+        Flavour::MultiThread => vec![UPSTREAM_LATENCY, Duration::ZERO],
+        Flavour::CurrentThread => vec![],
+    };
+    for latency in miss_latencies {
         sim.set_latency(latency);
         let mut timings = Vec::new();
         for _ in 0..MISSES {
@@ -344,10 +364,15 @@ async fn l2_latency(sim: &Simulator, redis: &RedisServer) {
     }
     sim.set_latency(UPSTREAM_LATENCY);
 
-    println!(
-        "2. Latency on loopback, one request at a time (replica A verified {LATENCY_TOKENS} tokens; \
-         replica B asks for each: L2 hit, then at once again: L1 hit); target L2 hit p50 < 100 µs"
-    );
+    match flavour {
+        Flavour::MultiThread => println!(
+            "2. Latency on loopback, one request at a time (replica A verified {LATENCY_TOKENS} tokens; \
+             replica B asks for each: L2 hit, then at once again: L1 hit); target L2 hit p50 < 100 µs"
+        ),
+        Flavour::CurrentThread => println!(
+            "2b. The same on a current-thread runtime (as each sidecar worker runs), misses left out"
+        ),
+    }
     println!(
         "  {:<44} {:>6} {:>9} {:>9} {:>9} {:>9}",
         "", "n", "p50", "p90", "p99", "max"

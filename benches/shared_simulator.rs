@@ -26,7 +26,7 @@
 //! At the end of stdin it prints `calls N` once more and exits. `LATENCY_MS` sets the verify
 //! latency from the start (default 0).
 
-use std::io::BufRead as _;
+use std::io::{BufRead as _, Write as _};
 use std::time::Duration;
 
 use conneqt_guard_simulator::Simulator;
@@ -44,33 +44,39 @@ fn main() {
         .and_then(|ms| ms.parse::<u64>().ok())
         .unwrap_or(0);
     sim.set_latency(Duration::from_millis(latency));
-    println!("base_url {}", sim.base_url());
-    println!("api_key {}", sim.api_key());
-    println!("ready");
+    say(&format!("base_url {}", sim.base_url()));
+    say(&format!("api_key {}", sim.api_key()));
+    say("ready");
     // The simulator serves on the runtime's worker thread while this one reads commands.
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
-            (Some("issue"), None) => println!("token {}", sim.issue_token()),
+            (Some("issue"), None) => say(&format!("token {}", sim.issue_token())),
             (Some("revoke"), Some(token)) => {
                 sim.revoke(token);
-                println!("revoked");
+                say("revoked");
             }
-            (Some("calls"), None) => println!("calls {}", sim.verify_calls()),
-            (Some("calls"), Some(token)) => println!("calls {}", sim.verify_calls_for(token)),
+            (Some("calls"), None) => say(&format!("calls {}", sim.verify_calls())),
+            (Some("calls"), Some(token)) => say(&format!("calls {}", sim.verify_calls_for(token))),
             (Some("latency"), Some(ms)) => match ms.parse::<u64>() {
                 Ok(ms) => {
                     sim.set_latency(Duration::from_millis(ms));
-                    println!("latency {ms}");
+                    say(&format!("latency {ms}"));
                 }
-                Err(_) => println!("error: latency takes milliseconds"),
+                Err(_) => say("error: latency takes milliseconds"),
             },
             (None, None) => {}
-            _ => println!("error: unknown command {line:?}"),
+            _ => say(&format!("error: unknown command {line:?}")),
         }
     }
-    println!("calls {}", sim.verify_calls());
+    say(&format!("calls {}", sim.verify_calls()));
     let _entered = runtime.enter();
     drop(sim);
+}
+
+/// One line on stdout, flushed; a reader that went away (the script ended) is not an error.
+fn say(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
