@@ -9,9 +9,9 @@
 //! ```
 //!
 //! With `CONNEQT_CALLGRIND_ANNOTATE=1` it keeps the N = 12,000 callgrind files of the guard hit
-//! (with and without the shared tier) and of the inner service alone and prints their paths; `callgrind_annotate <file>` then
-//! lists the functions by their own (self) cost, which divided by 12,000 is per request, and
-//! the two side by side show where the hit's extra instructions go.
+//! (with and without the shared tier) and of the inner service alone and prints their paths;
+//! `callgrind_annotate <file>` then lists the functions by their own (self) cost, which divided
+//! by 12,000 is per request, and two side by side show where the hit's extra instructions go.
 //!
 //! It needs `valgrind` on `PATH` (`apt-get install valgrind`); without it, it says so and exits
 //! successfully. `cargo test --benches` runs each variant a few times in-process instead (no

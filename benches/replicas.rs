@@ -24,25 +24,24 @@
 //!
 //! 1. **Upstream calls per token per TTL.** `cache_ttl` [`HOT_TTL`], refresh-ahead on (the
 //!    default, at 0.8 of the TTL), for [`HOT_RUN`]: one hot token and [`WARM_TOKENS`] warm
-//!    ones requested continuously, round-robin over the three replicas (every millisecond,
-//!    each of [`HOT_WORKERS`] workers sends the hot token to one replica and the next warm
-//!    token to the next), open loop (a tick's requests are sent whether or not earlier ones
-//!    were answered, as independent clients would; a closed loop lets a slow miss delay every
-//!    later request, and without the tier, cycling through 150 token-replica pairs at 20 ms a
-//!    miss then takes longer than the TTL, so the entries expire before their next use).
-//!    Reported per token: the simulator's verify calls, per TTL window,
-//!    against the target `1 + expiries` (one first verification, then at most one per TTL);
+//!    ones requested continuously, round-robin over the three replicas: every millisecond,
+//!    [`HOT_WORKERS`] times, the hot token to one replica and the next warm token to the next.
+//!    Open loop: a tick's requests are sent whether or not earlier ones were answered, as
+//!    independent clients would send them (in a closed loop a slow miss delays every later
+//!    request; without the tier, 150 token-replica pairs at a 20 ms miss each then take longer
+//!    than the TTL to go round, so every entry expires before its next use). Reported per
+//!    token: the simulator's verify calls, per TTL window, against the target `1 + expiries`
+//!    (one first verification, then at most one per TTL), and when the hot token's calls came;
 //!    and the same load on three replicas without the tier (each its own cache).
 //! 2. **L2 hit latency.** Replica A verifies [`LATENCY_TOKENS`] tokens (at no upstream
-//!    latency: set-up); then replica B asks
-//!    for each once (an L1 miss answered from Redis: one round trip), and at once again (an
-//!    L1 hit), timed the same way, one request at a time. For contrast, a miss in both tiers
-//!    (L2 read, lease, upstream, L2 write) on replica C, at the simulator's latency and at
-//!    none. And, as a reference for the L2 hit, the one Redis round trip it makes (`GET` +
-//!    `PTTL` pipelined) sent bare through redis-rs's `ConnectionManager` on the same runtime.
-//!    The bench's runtime has two worker threads; the L2 figures are measured again on a
-//!    current-thread runtime (each of the sidecar's workers runs one), where no hand-over
-//!    between threads sits on the path.
+//!    latency: set-up); then replica B asks for each once (an L1 miss answered from Redis:
+//!    one round trip), and at once again (an L1 hit), timed the same way, one request at a
+//!    time. For contrast, a miss in both tiers (L2 read, lease, upstream, L2 write) on
+//!    replica C, at the simulator's latency and at none. And, as a reference for the L2 hit,
+//!    the one Redis round trip it makes (`GET` + `PTTL` pipelined) sent bare through
+//!    redis-rs's `ConnectionManager` on the same runtime. The bench's runtime has two worker
+//!    threads; the L2 figures are measured again on a current-thread runtime (each of the
+//!    sidecar's workers runs one), where no hand-over between threads sits on the path.
 //! 3. **Invalidation to enforcement.** For [`INVALIDATED_TOKENS`] tokens, one at a time: every
 //!    replica has the valid verdict cached, the simulator revokes the token, replica 0 calls
 //!    `invalidate`, and replicas 1 and 2 are asked (in turn, without pause) until each answers
