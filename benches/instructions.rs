@@ -9,9 +9,9 @@
 //! ```
 //!
 //! With `CONNEQT_CALLGRIND_ANNOTATE=1` it keeps the N = 12,000 callgrind files of the guard hit
-//! and of the inner service alone and prints their paths; `callgrind_annotate <file>` then
-//! lists the functions by their own (self) cost, which divided by 12,000 is per request, and
-//! the two side by side show where the hit's extra instructions go.
+//! (with and without the shared tier) and of the inner service alone and prints their paths;
+//! `callgrind_annotate <file>` then lists the functions by their own (self) cost, which divided
+//! by 12,000 is per request, and two side by side show where the hit's extra instructions go.
 //!
 //! It needs `valgrind` on `PATH` (`apt-get install valgrind`); without it, it says so and exits
 //! successfully. `cargo test --benches` runs each variant a few times in-process instead (no
@@ -49,6 +49,15 @@
 //!   and under valgrind the 100,000 take about two minutes of the bench's budget of about
 //!   three (on the shared 2-core machine this was written on), so a million would take about
 //!   twenty. `benches/memory.rs` fills a million natively.
+//! - `e_guard_cache_hit_redis`: the hit of (c) with the shared verdict tier configured
+//!   (`redis_url`, issue 11) on a `redis-server` the bench starts on a free loopback port
+//!   (`tests/it/redis_server.rs`), whose URL it passes to the child: an L1 hit must cost what
+//!   it costs without the tier. Skipped, with a line saying so, where `redis-server` is not
+//!   installed. The child connects (`check_connection`) from a runtime on a thread of its own,
+//!   so the tier's background work (its heartbeat `PING` every second, the connection's
+//!   driver) runs there and not on the measured thread: callgrind counts per thread, and the
+//!   hit path itself never touches Redis. Its Redis deadline is 10 s rather than 50 ms, so that
+//!   valgrind's slowness cannot open the tier's circuit (which would empty L1) mid-run.
 //!
 //! The bench runs itself once per variant under
 //! `valgrind --tool=callgrind --collect-atstart=no --toggle-collect=...`, which sends N = 2,000
@@ -80,9 +89,13 @@
 //! measured requests, the child reads the upstream's verify-call count, and exits with an
 //! error if a single measured request reached the upstream.
 
+#[path = "../tests/it/redis_server.rs"]
+mod redis_server;
 // Only `Ok200`, `call`, `request` and the header name are needed here.
 #[allow(dead_code)]
 mod support;
+#[path = "../tests/it/system.rs"]
+mod system;
 mod upstream;
 
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -118,7 +131,7 @@ const FILL_CONCURRENCY: usize = 64;
 const ANNOTATE_ENV: &str = "CONNEQT_CALLGRIND_ANNOTATE";
 
 /// The argument that makes this binary a measured child:
-/// `--callgrind-child <variant> <short> <long> <upstream base URL>`.
+/// `--callgrind-child <variant> <short> <long> <upstream base URL> [<redis URL>]`.
 const CHILD_ARG: &str = "--callgrind-child";
 
 /// What one child measures.
@@ -129,6 +142,8 @@ enum Variant {
     GuardHit,
     /// A hit with this many other verdicts in the cache.
     GuardHitFilled(usize),
+    /// The plain hit with the shared tier (`redis_url`) configured.
+    GuardHitShared,
 }
 
 impl Variant {
@@ -139,6 +154,7 @@ impl Variant {
             Variant::GuardHit,
         ];
         all.extend(FILLED.map(Variant::GuardHitFilled));
+        all.push(Variant::GuardHitShared);
         all
     }
 
@@ -148,6 +164,7 @@ impl Variant {
             Variant::ValidateHeader => "b_validate_request_header".to_owned(),
             Variant::GuardHit => "c_guard_cache_hit".to_owned(),
             Variant::GuardHitFilled(filled) => format!("d_guard_cache_hit_{}", short(filled)),
+            Variant::GuardHitShared => "e_guard_cache_hit_redis".to_owned(),
         }
     }
 
@@ -195,17 +212,21 @@ struct Setup {
     runtime: Runtime,
     subject: Subject,
     token: String,
+    /// With the shared tier: the runtime its connection and heartbeat run on.
+    _tier_runtime: Option<Runtime>,
 }
 
 impl Setup {
     /// Builds the variant's service; the guard's ones against the upstream at `base_url`,
-    /// warmed with one request for their token (and filled, for (d)).
-    fn new(variant: Variant, base_url: &str) -> Setup {
+    /// warmed with one request for their token (and filled, for (d)); (e)'s with the shared
+    /// tier on the Redis at `redis_url`.
+    fn new(variant: Variant, base_url: &str, redis_url: Option<&str>) -> Setup {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("bench runtime");
         let token = uuid::Uuid::new_v4().hyphenated().to_string();
+        let mut tier_runtime = None;
         let subject = match variant {
             Variant::InnerAlone => Subject::Inner(Ok200),
             Variant::ValidateHeader => Subject::Validate(
@@ -224,11 +245,38 @@ impl Setup {
                 runtime.block_on(call(service.clone(), request(&token)));
                 Subject::Guard(service)
             }
+            Variant::GuardHitShared => {
+                let redis_url = redis_url.expect("(e) is given a Redis URL");
+                let layer = AccessTokenLayer::builder()
+                    .base_url(base_url)
+                    .api_key(upstream::API_KEY)
+                    .cache_ttl(Duration::from_secs(3600))
+                    .redis_url(redis_url)
+                    .cluster_key("instructions bench cluster key")
+                    .redis_timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("guard settings are valid");
+                // The tier starts (connection, subscription, heartbeat) on the runtime that
+                // first uses it: this one, on a thread of its own.
+                let tier = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("redis-tier")
+                    .enable_all()
+                    .build()
+                    .expect("tier runtime");
+                let status = tier.block_on(layer.check_connection());
+                assert!(status.is_ok(), "the shared tier's start-up check: {status}");
+                tier_runtime = Some(tier);
+                let service = layer.layer(Ok200);
+                runtime.block_on(call(service.clone(), request(&token)));
+                Subject::Guard(service)
+            }
         };
         Setup {
             runtime,
             subject,
             token,
+            _tier_runtime: tier_runtime,
         }
     }
 
@@ -325,7 +373,7 @@ fn untimed_drop<T>(value: T) {
     drop(std::hint::black_box(value));
 }
 
-/// `--callgrind-child <variant> <short> <long> <base URL>`: set up, then the handshake of the
+/// `--callgrind-child <variant> <short> <long> <base URL> [<redis URL>]`: set up, then the handshake of the
 /// module docs around the two measured runs; exits with an error if the upstream was asked.
 fn child(args: &[String]) -> ExitCode {
     let variant = args.first().and_then(|name| Variant::parse(name));
@@ -333,11 +381,11 @@ fn child(args: &[String]) -> ExitCode {
     let (Some(variant), [Some(short_run), Some(long_run)], Some(base_url)) =
         (variant, counts, args.get(3))
     else {
-        eprintln!("usage: {CHILD_ARG} <variant> <short> <long> <upstream base URL>");
+        eprintln!("usage: {CHILD_ARG} <variant> <short> <long> <upstream base URL> [<redis URL>]");
         return ExitCode::from(2);
     };
     let started = Instant::now();
-    let setup = Setup::new(variant, base_url);
+    let setup = Setup::new(variant, base_url, args.get(4).map(String::as_str));
     let upstream_calls = || upstream::remote_verify_calls(base_url).expect("the upstream's count");
     let calls_before = upstream_calls();
     println!("ready {}", started.elapsed().as_millis());
@@ -379,16 +427,21 @@ fn smoke() {
     // One small fill exercises the path of every (d).
     variants.retain(|v| !matches!(v, Variant::GuardHitFilled(_)));
     variants.push(Variant::GuardHitFilled(100));
+    let redis = shared_tier_redis(&mut variants);
     for variant in variants {
         let calls_before = upstream.verify_calls();
-        let setup = Setup::new(variant, &upstream.base_url());
+        let setup = Setup::new(
+            variant,
+            &upstream.base_url(),
+            redis.as_ref().map(|r| r.url()).as_deref(),
+        );
         let setup_calls = upstream.verify_calls() - calls_before;
         // `call` asserts that each answer is `200 OK`.
         setup.run(5);
         let calls = upstream.verify_calls() - calls_before;
         let expected = match variant {
             Variant::InnerAlone | Variant::ValidateHeader => 0,
-            Variant::GuardHit => 1,
+            Variant::GuardHit | Variant::GuardHitShared => 1,
             Variant::GuardHitFilled(filled) => filled + 1,
         };
         assert_eq!(
@@ -435,12 +488,20 @@ fn bench(args: &[String]) -> ExitCode {
         .collect();
     let mut variants = Variant::all();
     variants.retain(|v| words.is_empty() || words.iter().any(|w| v.name().contains(w.as_str())));
+    let redis = shared_tier_redis(&mut variants);
+    let redis_url = redis.as_ref().map(|r| r.url());
 
     println!("Each variant under callgrind, N = {SHORT} then N = {LONG} requests:");
     let mut rows = Vec::new();
     for variant in variants {
         let run_started = Instant::now();
-        let measured = match run_child(&exe, &dir, variant, &upstream.base_url()) {
+        let measured = match run_child(
+            &exe,
+            &dir,
+            variant,
+            &upstream.base_url(),
+            redis_url.as_deref(),
+        ) {
             Ok(measured) => measured,
             Err(problem) => {
                 eprintln!("instructions: {}: {problem}", variant.name());
@@ -455,7 +516,12 @@ fn bench(args: &[String]) -> ExitCode {
             run_started.elapsed().as_secs_f64(),
             measured.setup.as_secs_f64()
         );
-        if annotate && matches!(variant, Variant::GuardHit | Variant::InnerAlone) {
+        if annotate
+            && matches!(
+                variant,
+                Variant::GuardHit | Variant::InnerAlone | Variant::GuardHitShared
+            )
+        {
             println!(
                 "  kept for annotation: callgrind_annotate {}",
                 measured.long_file.display()
@@ -518,11 +584,45 @@ fn report(rows: &[(Variant, f64)]) {
     println!(
         "  (not 1m: a million verifications under valgrind do not fit the bench's time budget)"
     );
+    if let (Some(hit), Some(shared)) = (hit, get(Variant::GuardHitShared)) {
+        println!(
+            "  hit with the shared tier (redis_url) configured vs plain hit: {:+.2} % ({shared:.1} vs {hit:.1}; ratio {:.3})",
+            (shared / hit - 1.0) * 100.0,
+            shared / hit
+        );
+    }
     println!();
 }
 
+/// A `redis-server` of the bench's own for variant (e), if (e) is among `variants`; where
+/// redis-server is missing, says so in one line and drops (e).
+fn shared_tier_redis(variants: &mut Vec<Variant>) -> Option<redis_server::RedisServer> {
+    if !variants.contains(&Variant::GuardHitShared) {
+        return None;
+    }
+    let redis = if on_path("redis-server") || Path::new("/usr/bin/redis-server").is_file() {
+        redis_server::RedisServer::start()
+    } else {
+        None
+    };
+    if redis.is_none() {
+        println!(
+            "instructions: {}: skipped, redis-server is not installed (apt-get install redis-server)",
+            Variant::GuardHitShared.name()
+        );
+        variants.retain(|v| *v != Variant::GuardHitShared);
+    }
+    redis
+}
+
 /// Runs one variant's child under callgrind, through the handshake, and reads both counts.
-fn run_child(exe: &Path, dir: &Path, variant: Variant, base_url: &str) -> Result<Measured, String> {
+fn run_child(
+    exe: &Path,
+    dir: &Path,
+    variant: Variant,
+    base_url: &str,
+    redis_url: Option<&str>,
+) -> Result<Measured, String> {
     let long_file = dir.join(format!("{}.callgrind", variant.name()));
     // The dump asked for after the short run gets `.1` appended; the final one is the file.
     let short_file = PathBuf::from(format!("{}.1", long_file.display()));
@@ -542,6 +642,7 @@ fn run_child(exe: &Path, dir: &Path, variant: Variant, base_url: &str) -> Result
             &LONG.to_string(),
             base_url,
         ])
+        .args(redis_url.filter(|_| variant == Variant::GuardHitShared))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
