@@ -8,8 +8,9 @@
 //! 1. one round trip reads the verdict and its remaining TTL from Redis: a verdict there is
 //!    the answer, and the L1 entry it fills lives only as long as the one in Redis;
 //! 2. otherwise the lease (`SET NX PX`) picks one replica to ask the upstream and store the
-//!    verdict (a `410` is announced to every replica in the same step); the others wait for it
-//!    in Redis until the lease's deadline, then verify themselves without sharing;
+//!    verdict (a `410` is announced to every replica in the same step), after reading Redis
+//!    once more (a verdict stored between the read and the lease is taken instead); the others
+//!    wait for it in Redis until the lease's deadline, then verify themselves without sharing;
 //! 3. a refresh takes the same lease, so one replica refreshes each hot token; a replica that
 //!    loses it keeps its current verdict;
 //! 4. whenever Redis fails or is slow, the verification is the upstream's, as without the tier.
@@ -69,7 +70,18 @@ impl SharedTier {
             return Ok(found.clone());
         }
         match self.verdicts.lease(&key).await {
-            Ok(true) => {}
+            Ok(true) => {
+                // The previous holder's verdict may have landed between the read and the
+                // lease (its put releases the lease): read again before asking the upstream,
+                // so one replica refreshes each hot token once.
+                if let Ok(Some(theirs)) = self.verdicts.get(&key).await {
+                    let theirs = self.learned(theirs);
+                    if !(asked == Asked::Refresh && self.due(&theirs)) {
+                        let _ = self.verdicts.release(&key).await;
+                        return Ok(theirs);
+                    }
+                }
+            }
             Ok(false) => {
                 if asked == Asked::Refresh
                     && let Some(found) = found
