@@ -25,27 +25,14 @@
 //!
 //! # How the caller uses it
 //!
-//! ```text
-//! L1 hit                      → answer; Redis is never asked
-//! L1 miss:
-//!   e = shared.epoch()
-//!   shared.get(hash)          → Ok(Some((verdict, ttl))): insert into L1 for at most `ttl`, then
-//!                               if shared.epoch() != e, evict it again (a notice raced the read)
-//!                             → Ok(None): shared.lease(hash)
-//!                                 Ok(true)  → verify upstream; Valid/Gone → shared.put(..)
-//!                                             (Gone also evicts every replica's L1);
-//!                                             an upstream error → shared.release(hash)
-//!                                 Ok(false) → shared.wait_for(hash, deadline): the winner's
-//!                                             verdict, or Ok(None) (it gave up, or the
-//!                                             deadline passed) → verify upstream yourself
-//!                             → Err(Unavailable): verify upstream as without the tier
-//! invalidate(token)           → evict L1, shared.invalidate(hash)
-//! invalidate_all()            → clear L1, shared.invalidate_all()
-//! on_notice(Evict(h))         → evict h from L1;  on_notice(EvictAll) → clear L1
-//! ```
-//!
-//! Insert into L1 *before* comparing the epoch: the epoch is bumped before `on_notice` runs,
-//! so either the caller sees the new epoch, or the notice's eviction comes after its insert.
+//! [`SharedTier`] (`tier.rs`) sequences these operations between the guard's cache (L1) and
+//! the upstream: an L1 hit never comes here; an L1 miss reads [`get`](SharedVerdicts::get),
+//! then takes the [`lease`](SharedVerdicts::lease) (and reads again) to ask the upstream and
+//! [`put`](SharedVerdicts::put) the verdict, or [`wait_for`](SharedVerdicts::wait_for)s the
+//! lease holder's. `on_notice` evicts from L1 (`Evict`) or clears it (`EvictAll`). A verdict
+//! read while a notice arrives is not kept: the cache counts its invalidations and undoes an
+//! insert that one raced (`VerdictCache::remember`); [`epoch`](SharedVerdicts::epoch) counts
+//! the notices delivered, for `Debug` and the tests.
 //!
 //! # Failing to local, never open
 //!
