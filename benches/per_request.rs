@@ -28,6 +28,8 @@
 //! criterion output files. Where criterion's own estimates are on disk, it prints those ratios
 //! too, for comparison.
 
+// All but `percentile` (for the scenario benches) is used here.
+#[allow(dead_code)]
 mod support;
 
 use std::path::PathBuf;

@@ -54,7 +54,7 @@
 
 #[path = "../tests/it/redis_server.rs"]
 mod redis_server;
-// Only `Ok200`, `request` and the header name are needed here.
+// Only `Ok200`, `request`, `percentile` and the header name are needed here.
 #[allow(dead_code)]
 mod support;
 #[path = "../tests/it/system.rs"]
@@ -70,7 +70,7 @@ use tokio::runtime::Runtime;
 use tower::{Layer as _, ServiceExt as _};
 
 use redis_server::RedisServer;
-use support::{Ok200, request};
+use support::{Ok200, percentile, request};
 
 /// The simulator's verify latency: small, but enough to see who waits on the upstream.
 const UPSTREAM_LATENCY: Duration = Duration::from_millis(20);
@@ -376,17 +376,6 @@ async fn l2_latency(sim: &Simulator, redis: &RedisServer, flavour: Flavour) {
         "  {:<44} {:>6} {:>9} {:>9} {:>9} {:>9}",
         "", "n", "p50", "p90", "p99", "max"
     );
-    let row = |name: &str, timings: &mut Vec<Duration>| {
-        timings.sort();
-        println!(
-            "  {name:<44} {:>6} {:>9.1?} {:>9.1?} {:>9.1?} {:>9.1?}",
-            timings.len(),
-            percentile(timings, 0.50),
-            percentile(timings, 0.90),
-            percentile(timings, 0.99),
-            timings[timings.len() - 1],
-        );
-    };
     row("L1 hit (replica B, second request)", &mut l1);
     row("L2 hit (replica B, first request)", &mut l2);
     for (latency, timings) in &mut misses {
@@ -471,17 +460,6 @@ async fn invalidation(sim: &Simulator, redis: &RedisServer) {
             }
         }
         let calls = sim.verify_calls() - calls_before;
-        let row = |name: &str, timings: &mut Vec<Duration>| {
-            timings.sort();
-            println!(
-                "  {name:<44} {:>6} {:>9.1?} {:>9.1?} {:>9.1?} {:>9.1?}",
-                timings.len(),
-                percentile(timings, 0.50),
-                percentile(timings, 0.90),
-                percentile(timings, 0.99),
-                timings[timings.len() - 1],
-            );
-        };
         println!("  upstream latency {latency:?}:");
         row("  invalidate() returned (replica 0)", &mut invalidate_took);
         row("  a replica's L1 no longer had the verdict", &mut noticed);
@@ -553,9 +531,17 @@ impl Drop for Upstream {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
+/// One line of a latency table: the count, p50, p90, p99 and the maximum.
+fn row(name: &str, timings: &mut [Duration]) {
+    timings.sort();
+    println!(
+        "  {name:<44} {:>6} {:>9.1?} {:>9.1?} {:>9.1?} {:>9.1?}",
+        timings.len(),
+        percentile(timings, 0.50),
+        percentile(timings, 0.90),
+        percentile(timings, 0.99),
+        timings[timings.len() - 1],
+    );
 }
 
 /// `7.0.15`, from `INFO server`.

@@ -14,6 +14,11 @@ use conneqt_guard_simulator::Simulator;
 use http::{Request, Response};
 use tower::{Layer, Service, ServiceExt};
 
+// Only `percentile` is needed here.
+#[allow(dead_code)]
+mod support;
+use support::percentile;
+
 const TOKEN_HEADER: &str = "conneqt-instant-access-token";
 
 fn inner()
@@ -29,11 +34,6 @@ fn request(token: &str) -> Request<()> {
         .header(TOKEN_HEADER, token)
         .body(())
         .expect("a valid request")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
 }
 
 struct HotTokenRun {

@@ -118,3 +118,9 @@ impl Drop for Fixture {
         drop(self.simulator.take());
     }
 }
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank.
+pub(crate) fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
