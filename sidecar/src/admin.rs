@@ -17,6 +17,8 @@ use http_body_util::Full;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_service::Service;
 
+use crate::http1::TOKEN_HEADER;
+
 /// Answers the admin endpoints. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct Admin {
@@ -133,6 +135,3 @@ impl Admin {
         }
     }
 }
-
-/// The token header, as the guard reads it.
-const TOKEN_HEADER: &str = "conneqt-instant-access-token";

@@ -68,12 +68,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// The token header, as the guard reads it.
+pub(crate) const TOKEN_HEADER: HeaderName = HeaderName::from_static("conneqt-instant-access-token");
+
 /// Fields a `Connection` header can never remove: the framing, `Host`, and the token.
 const END_TO_END: [HeaderName; 4] = [
     header::CONTENT_LENGTH,
     header::TRANSFER_ENCODING,
     header::HOST,
-    HeaderName::from_static("conneqt-instant-access-token"),
+    TOKEN_HEADER,
 ];
 
 fn listed(names: &[HeaderName], name: &[u8]) -> bool {
@@ -113,12 +116,13 @@ pub(crate) fn is_alias(name: &[u8]) -> bool {
 /// Whether `name` is the token header spelt with `_` for some `-` (any case): what a
 /// CGI-style backend reads as the token itself.
 pub(crate) fn aliases_token(name: &[u8]) -> bool {
-    const TOKEN: &[u8] = b"conneqt-instant-access-token";
+    let header = TOKEN_HEADER;
+    let token = header.as_str().as_bytes();
     is_alias(name)
-        && name.len() == TOKEN.len()
+        && name.len() == token.len()
         && name
             .iter()
-            .zip(TOKEN)
+            .zip(token)
             .all(|(&b, &t)| b.eq_ignore_ascii_case(&t) || (b == b'_' && t == b'-'))
 }
 
