@@ -177,6 +177,11 @@ async fn invalidate_all_on_one_replica_is_enforced_on_every_replica() {
         }
     }
     assert_eq!(c.sim.verify_calls(), 4);
+    assert_eq!(
+        c.inner_calls(),
+        6,
+        "no request with a revoked token reached the service"
+    );
 }
 
 #[tokio::test]
@@ -206,6 +211,16 @@ async fn a_gone_found_by_one_replicas_refresh_reaches_the_others_before_their_en
         calls,
         "the others read the 410 from Redis"
     );
+    let forwarded = c.inner_calls();
+    for replica in 0..3 {
+        assert_eq!(c.status(replica, &token).await, 410);
+    }
+    assert_eq!(
+        c.inner_calls(),
+        forwarded,
+        "the 410s never reach the service"
+    );
+    assert_eq!(c.sim.verify_calls(), calls, "and cost no upstream call");
 }
 
 #[tokio::test]
@@ -230,13 +245,15 @@ async fn with_redis_down_or_slow_valid_tokens_pass_revoked_ones_do_not_and_shari
         let fresh = c.sim.issue_token();
         for replica in 0..3 {
             for (token, expected) in [(&valid, 200), (&fresh, 200), (&revoked, 410)] {
-                let start = Instant::now();
+                let (start, forwarded) = (Instant::now(), c.inner_calls());
                 assert_eq!(c.status(replica, token).await, expected, "{outage}");
                 assert!(
                     start.elapsed() < bound,
                     "{outage}: took {:?}",
                     start.elapsed()
                 );
+                let reached = usize::from(expected == 200);
+                assert_eq!(c.inner_calls(), forwarded + reached, "{outage}");
             }
         }
         if outage == "down" {
@@ -312,7 +329,14 @@ async fn two_cluster_keys_on_one_redis_never_share_verdicts_and_the_token_is_nev
 
     let gone = c.sim.issue_token();
     c.sim.revoke(&gone);
+    let forwarded = c.inner_calls();
     assert_eq!(c.status(0, &gone).await, 410);
+    assert_eq!(
+        c.inner_calls(),
+        forwarded,
+        "the 410 never reached the service"
+    );
+    assert_eq!(c.sim.verify_calls_for(&gone), 1);
     let stored = c.redis.keys_and_values();
     assert!(!stored.is_empty(), "the verdicts are in Redis");
     let simple = |t: &str| t.replace('-', "");
