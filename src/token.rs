@@ -9,8 +9,8 @@
 //!
 //! The cache is keyed on a [`TokenHash`]: a 128-bit keyed hash of the token under a secret
 //! drawn at random once per process (or, for a verdict tier shared by replicas, derived from
-//! their cluster key: [`TokenHasher::from_cluster_key`]), so the raw token is never a cache key and a memory dump
-//! cannot be matched against a list of tokens. 128 bits is enough to treat equal keys as
+//! their cluster key: [`TokenHasher::from_cluster_key`]), so the raw token is never a cache
+//! key and a memory dump cannot be matched against a list of tokens. 128 bits is enough to treat equal keys as
 //! equal tokens (two of a million tokens collide with a chance of about 2^-88, and the key is
 //! secret, so collisions cannot be sought either).
 //!
@@ -389,8 +389,7 @@ impl TokenHasher {
     /// other. Both keys are derived from `secret` with BLAKE3's `derive_key` under contexts of
     /// their own (and apart from the process hasher's), so a hash is still a keyed PRF: a dump
     /// of the shared tier cannot be matched against a list of tokens without the secret.
-    // Called by the request path once the shared tier is wired in (issue 11); tests use it now.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn from_cluster_key(secret: &[u8]) -> Self {
         Self {
             keys: HashKeys {

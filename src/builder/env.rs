@@ -40,10 +40,10 @@ impl AccessTokenLayerBuilder {
     /// | `CONNEQT_UPSTREAM_RETRY` | [`upstream_retry`](Self::upstream_retry) | boolean |
     /// | `CONNEQT_CIRCUIT_BREAKER_THRESHOLD` | [`circuit_breaker_threshold`](Self::circuit_breaker_threshold) | whole number |
     /// | `CONNEQT_CIRCUIT_BREAKER_COOL_DOWN` | [`circuit_breaker_cool_down`](Self::circuit_breaker_cool_down) | duration |
-    /// | `CONNEQT_REDIS_URL` | `redis_url` (feature `redis`) | URL (never quoted in errors) |
-    /// | `CONNEQT_CLUSTER_KEY` | `cluster_key` (feature `redis`) | text, 16 bytes or more (never quoted in errors) |
-    /// | `CONNEQT_REDIS_TIMEOUT` | `redis_timeout` (feature `redis`) | duration |
-    /// | `CONNEQT_REDIS_LEASE` | `redis_lease` (feature `redis`) | duration |
+    /// | `CONNEQT_REDIS_URL` | [`redis_url`](Self::redis_url) (feature `redis`) | URL (never quoted in errors) |
+    /// | `CONNEQT_CLUSTER_KEY` | [`cluster_key`](Self::cluster_key) (feature `redis`) | text, 16 bytes or more (never quoted in errors) |
+    /// | `CONNEQT_REDIS_TIMEOUT` | [`redis_timeout`](Self::redis_timeout) (feature `redis`) | duration |
+    /// | `CONNEQT_REDIS_LEASE` | [`redis_lease`](Self::redis_lease) (feature `redis`) | duration |
     ///
     /// A duration is whole numbers with units `h`, `m`, `s`, `ms`, largest first: `30s`,
     /// `500ms`, `10m`, `1h`, `1m30s`, `1s500ms`. A boolean is `true`, `false`, `1` or `0`.
